@@ -16,6 +16,10 @@ TBPTT_MODES = ("fixed", "k1k2", "random")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
+# `${mul:2,${.k}}` in a config: k2 = 2k follows k when a sweep varies k.
+OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message says which key and why."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,8 @@ class TBPTTModule(pl.LightningModule):
         self.loss_fn = _cross_entropy if spec.loss == "ce" else F.mse_loss
 
         self._hidden: tbptt.Hidden = None
+        # Every drawn window length over the whole run, logged as an artifact at the end.
+        self.window_counts: Counter[int] = Counter()
         self._epoch_start = 0.0
         self._train_started = 0.0
         self._reset_epoch_sums()
@@ -66,6 +69,7 @@ class TBPTTModule(pl.LightningModule):
                 seq_len, cfg.k, cfg.p_base, cfg.std, cfg.min_len, self.window_generator
             )
             self._window_lengths.extend(lengths)
+            self.window_counts.update(lengths)
             return tbptt.random_schedule(lengths, cfg.k)
         return tbptt.fixed_schedule(seq_len, cfg.k)
 
@@ -150,6 +154,15 @@ class TBPTTModule(pl.LightningModule):
             metrics["tbptt/window_max"] = lengths.max().item()
         self.log_dict(metrics, on_epoch=True, prog_bar=False)
         self.log("train/loss_bar", train_loss, prog_bar=True, logger=False)
+
+    def on_train_end(self) -> None:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        if self.window_counts and isinstance(self.logger, MLFlowLogger):
+            counts = {str(length): n for length, n in sorted(self.window_counts.items())}
+            self.logger.experiment.log_dict(
+                self.logger.run_id, counts, "tbptt/window_length_counts.json"
+            )
 
     def _reset_epoch_sums(self) -> None:
         self._loss_sum = torch.zeros(())
