@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from src import tbptt
 from src.data import TaskSpec
@@ -152,8 +153,8 @@ class TBPTTModule(pl.LightningModule):
             metrics["tbptt/window_mean"] = lengths.mean().item()
             metrics["tbptt/window_min"] = lengths.min().item()
             metrics["tbptt/window_max"] = lengths.max().item()
+        self.log("train/loss", metrics.pop("train/loss"), on_epoch=True, prog_bar=True)
         self.log_dict(metrics, on_epoch=True, prog_bar=False)
-        self.log("train/loss_bar", train_loss, prog_bar=True, logger=False)
 
     def on_train_end(self) -> None:
         from lightning.pytorch.loggers import MLFlowLogger
@@ -207,6 +208,15 @@ class TBPTTModule(pl.LightningModule):
         else:
             metrics[self.spec.metric] = metric
         self.log_dict(metrics, on_epoch=True, prog_bar=True)
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """One bar per training epoch; validation takes a fraction of a second and shows none."""
+
+    def init_validation_tqdm(self):  # noqa: ANN201 (Lightning's own return type)
+        bar = super().init_validation_tqdm()
+        bar.disable = True
+        return bar
 
 
 def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ is detached.
 
 - Plain TBPTT with window k: updates `[s, s + k)` with `bp_start = loss_start = s`.
 - TBPTT(k1, k2): an update every k1 steps whose loss backpropagates through the last k2 steps,
-  so `bp_start = loss_start - (k2 - k1)`; the steps in `[bp_start, loss_start)` are run again with the current
-  weights (the usual way to implement it, since an LSTM only returns its final state).
+  so `bp_start = loss_start - (k2 - k1)`; the steps in `[bp_start, loss_start)` are run again
+  with the current weights (the usual way, since an LSTM only returns its final state).
 - Random window lengths: plain windows whose lengths are drawn around k, each carrying a
   learning-rate scale of length / k.
 

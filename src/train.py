@@ -70,8 +70,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from src import tracking
     from src.data import build_data
     from src.model import SequenceLSTM
-    from src.module import TBPTTModule
+    from src.module import TBPTTModule, TrainingProgressBar
 
+    _quiet_lightning()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     torch.set_num_threads(torch_threads(cfg.trainer.num_threads))
@@ -114,7 +115,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger=MLFlowLogger(
             experiment_name=cfg.logger.experiment_name, tracking_uri=tracking_uri, run_id=run_id
         ),
-        callbacks=[ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True)],
+        callbacks=[
+            ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0),
+            *([TrainingProgressBar()] if cfg.trainer.enable_progress_bar else []),
+        ],
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -140,7 +144,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         client.set_terminated(run_id, status)
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    metrics.pop("train/loss_bar", None)
     metrics["perf/wall_seconds"] = time.perf_counter() - started
     log.info(
         "%s = %.4f | MLflow run %s in experiment %r\nCompare runs: mlflow ui "
@@ -152,6 +155,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tracking.mask_uri(tracking_uri),
     )
     return metrics
+
+
+def _quiet_lightning() -> None:
+    # The user sees the progress bar and one summary; Lightning's banner lines and these
+    # warnings (about logging intervals this module does not use) are noise here.
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def _optimizer_factory(optimizer_cfg: DictConfig, accelerator: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -43,7 +44,7 @@ def test_one_run_is_logged_to_mlflow(run_train, tracking_uri: str, tmp_path) -> 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert artifacts == {"config/config.yaml", "config/overrides.txt"}
     overrides = client.download_artifacts(run.info.run_id, "config/overrides.txt", str(tmp_path))
-    assert "tbptt.k=5" in open(overrides).read()
+    assert "tbptt.k=5" in Path(overrides).read_text()
     checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert checkpoints == ["checkpoints/last.ckpt"]
 
