@@ -180,6 +180,20 @@ def _check_trainer(trainer: DictConfig) -> None:
     threads = trainer.num_threads
     if threads != "auto":
         require_positive_int("trainer.num_threads", threads)
+    for key, least in (("limit_train_batches", 1), ("limit_val_batches", 0)):
+        _check_batch_limit(f"trainer.{key}", trainer.get(key), least)
+
+
+def _check_batch_limit(key: str, value: Any, least: int) -> None:
+    # Lightning reads an int as a number of batches and a float as a fraction of them.
+    if value is None or (_is_int(value) and value >= least):
+        return
+    if isinstance(value, float) and (value > 0.0 or least == 0) and 0.0 <= value <= 1.0:
+        return
+    raise ConfigError(
+        f"{key} must be null, an integer number of batches >= {least} or a fraction in "
+        f"{'[0' if least == 0 else '(0'}, 1], but got {value!r}."
+    )
 
 
 def _check_objective(metric: Any) -> None:

@@ -17,12 +17,18 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, ListConfig
 
 from src.config import ConfigError, validate
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from src.data import SequenceData
+    from src.module import TBPTTModule
 
 log = logging.getLogger(__name__)
 
@@ -61,45 +67,22 @@ def torch_threads(setting: Any) -> int:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build the data and model, train under an MLflow run, and return the final metrics."""
-    import lightning.pytorch as pl
     import torch
     from hydra.core.hydra_config import HydraConfig
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
     from src import tracking
-    from src.data import build_data
-    from src.model import SequenceLSTM
-    from src.module import TBPTTModule, TrainingProgressBar
 
     _quiet_lightning()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    torch.set_num_threads(torch_threads(cfg.trainer.num_threads))
 
     # Reach the tracking store first: a dead server should cost seconds, not a trained model.
     tracking_uri = tracking.resolve_tracking_uri(cfg.logger.tracking_uri, hydra_cfg.runtime.cwd)
     client = tracking.client_for(tracking_uri)
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = build_data(cfg.data, stream=cfg.tbptt.stream, seed=cfg.seed)
-    model = SequenceLSTM(
-        data.spec,
-        hidden_size=cfg.model.hidden_size,
-        num_layers=cfg.model.num_layers,
-        dropout=cfg.model.dropout,
-        embedding_dim=cfg.model.embedding_dim,
-    )
-    module = TBPTTModule(
-        model,
-        data.spec,
-        cfg.tbptt,
-        optimizer_factory=_optimizer_factory(cfg.optimizer, cfg.trainer.accelerator),
-        stream=data.stream,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
-        detect_divergence=cfg.trainer.detect_divergence,
-        seed=cfg.seed,
-    )
+    data, module = build_module(cfg)
 
     run_id = tracking.create_run(
         client,
@@ -107,21 +90,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run_name=cfg.logger.run_name,
         overrides=list(hydra_cfg.overrides.task),
     )
-    trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        precision=cfg.trainer.precision,
-        max_epochs=cfg.trainer.max_epochs,
+    # Which thread count `trainer.num_threads=auto` chose, for comparing runs' speed.
+    client.set_tag(run_id, "torch.num_threads", str(torch.get_num_threads()))
+    trainer = build_trainer(
+        cfg,
         logger=MLFlowLogger(
             experiment_name=cfg.logger.experiment_name, tracking_uri=tracking_uri, run_id=run_id
         ),
         callbacks=[
-            ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0),
-            *([TrainingProgressBar()] if cfg.trainer.enable_progress_bar else []),
+            ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
         ],
-        enable_progress_bar=cfg.trainer.enable_progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         default_root_dir=output_dir,
     )
 
@@ -155,6 +133,75 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tracking.mask_uri(tracking_uri),
     )
     return metrics
+
+
+def build_module(cfg: DictConfig) -> tuple[SequenceData, TBPTTModule]:
+    """Set the thread count and the seeds, then build the data and the LightningModule.
+
+    `train` and the benchmarks (benchmarks/bench_train.py) both build a run through this
+    function and `build_trainer`, so what is timed is what a run does.
+    """
+    import lightning.pytorch as pl
+    import torch
+
+    from src.data import build_data
+    from src.model import SequenceLSTM
+    from src.module import TBPTTModule
+
+    torch.set_num_threads(torch_threads(cfg.trainer.num_threads))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = build_data(cfg.data, stream=cfg.tbptt.stream, seed=cfg.seed)
+    model = SequenceLSTM(
+        data.spec,
+        hidden_size=cfg.model.hidden_size,
+        num_layers=cfg.model.num_layers,
+        dropout=cfg.model.dropout,
+        embedding_dim=cfg.model.embedding_dim,
+    )
+    module = TBPTTModule(
+        model,
+        data.spec,
+        cfg.tbptt,
+        optimizer_factory=_optimizer_factory(cfg.optimizer, cfg.trainer.accelerator),
+        stream=data.stream,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        detect_divergence=cfg.trainer.detect_divergence,
+        seed=cfg.seed,
+    )
+    return data, module
+
+
+def build_trainer(
+    cfg: DictConfig,
+    logger: Any,
+    callbacks: list[Any],
+    default_root_dir: str | Path | None = None,
+) -> pl.Trainer:
+    """The Lightning Trainer that `cfg.trainer` describes, with `callbacks` and the progress bar.
+
+    Checkpointing is on exactly when `callbacks` holds a `ModelCheckpoint`.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from src.module import TrainingProgressBar
+
+    progress = [TrainingProgressBar()] if cfg.trainer.enable_progress_bar else []
+    return pl.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision,
+        max_epochs=cfg.trainer.max_epochs,
+        limit_train_batches=cfg.trainer.get("limit_train_batches"),
+        limit_val_batches=cfg.trainer.get("limit_val_batches"),
+        logger=logger,
+        callbacks=[*callbacks, *progress],
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=default_root_dir,
+    )
 
 
 def _quiet_lightning() -> None:
