@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 TBPTT_MODES = ("fixed", "k1k2", "random")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
@@ -57,14 +58,46 @@ def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise `ConfigError` for the first value in `cfg` that cannot train."""
-    _check_tbptt(cfg.tbptt)
-    _check_data(cfg.data, cfg.tbptt)
-    _check_model(cfg.model)
-    _check_optimizer(cfg.optimizer)
-    _check_trainer(cfg.trainer)
-    _check_objective(cfg.optimized_metric)
-    if not _is_int(cfg.seed):
-        raise ConfigError(f"seed must be an integer, but got {cfg.seed!r}.")
+    try:
+        _check_tbptt(cfg.tbptt)
+        _check_data(cfg.data, cfg.tbptt)
+        _check_model(cfg.model)
+        _check_optimizer(cfg.optimizer)
+        _check_trainer(cfg.trainer)
+        _check_objective(cfg.optimized_metric)
+        if not _is_int(cfg.seed):
+            raise ConfigError(f"seed must be an integer, but got {cfg.seed!r}.")
+        _check_ckpt_path(cfg.get("ckpt_path"))
+        _check_resolves(cfg)
+    except OmegaConfBaseException as error:
+        # `${oops}`, `???` or a resolver that fails: name the key rather than show a traceback.
+        key = getattr(error, "full_key", None) or "a config value"
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(f"{key} cannot be read: {reason}") from None
+
+
+def _check_resolves(cfg: DictConfig) -> None:
+    # Keys no check reads (tags, run names) must resolve too: MLflow records every one.
+    for key in cfg:
+        if key == "hydra":
+            continue
+        value = cfg[key]
+        if OmegaConf.is_config(value):
+            OmegaConf.to_container(value, resolve=True)
+
+
+def _check_ckpt_path(path: Any) -> None:
+    if path is None:
+        return
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"ckpt_path must be the path of a checkpoint file, but got {path!r}.")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(
+            f"ckpt_path must be an existing checkpoint file (such as "
+            f"outputs/<date>/<time>/checkpoints/last.ckpt), but {path!r} "
+            f"{'is a folder' if file.is_dir() else 'does not exist'}."
+        )
 
 
 def _check_tbptt(tbptt: DictConfig) -> None:
@@ -75,13 +108,14 @@ def _check_tbptt(tbptt: DictConfig) -> None:
     if tbptt.mode == "k1k2" and tbptt.k2 < tbptt.k1:
         raise ConfigError(
             f"tbptt.k2 must be at least tbptt.k1 (it is the span the loss of k1 steps "
-            f"backpropagates through), but got k1={tbptt.k1} and k2={tbptt.k2}."
+            f"backpropagates through), but got k1={tbptt.k1} and k2={tbptt.k2} "
+            f"(k1 follows tbptt.k unless set)."
         )
     if tbptt.mode == "random":
         require_range("tbptt.p_base", tbptt.p_base, 0.0, 1.0)
         require_range("tbptt.std", tbptt.std, 0.0, float("inf"))
         require_positive_int("tbptt.min_len", tbptt.min_len)
-    if tbptt.stream not in (None, True, False):
+    if tbptt.stream is not None and not isinstance(tbptt.stream, bool):
         raise ConfigError(f"tbptt.stream must be true, false or null, but got {tbptt.stream!r}.")
 
 

@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from src import tracking
+    from src import resume, tracking
 
     _quiet_lightning()
     hydra_cfg = HydraConfig.get()
@@ -84,12 +84,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     data, module = build_module(cfg)
 
-    run_id = tracking.create_run(
-        client,
-        cfg,
-        run_name=cfg.logger.run_name,
-        overrides=list(hydra_cfg.overrides.task),
-    )
+    run_id = None
+    if cfg.ckpt_path:
+        # Training goes on in the run the checkpoint came from (src/resume.py).
+        run_id = resume.reopen_run(client, cfg.ckpt_path, tracking.config_params(cfg))
+    if run_id is None:
+        run_id = tracking.create_run(
+            client,
+            cfg,
+            run_name=cfg.logger.run_name,
+            overrides=list(hydra_cfg.overrides.task),
+        )
     # Which thread count `trainer.num_threads=auto` chose, for comparing runs' speed.
     client.set_tag(run_id, "torch.num_threads", str(torch.get_num_threads()))
     trainer = build_trainer(
@@ -98,7 +103,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
             experiment_name=cfg.logger.experiment_name, tracking_uri=tracking_uri, run_id=run_id
         ),
         callbacks=[
-            ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
+            # One file, rewritten after every epoch: what an interrupted run resumes from.
+            # (save_top_k=0 with save_last=True would write it only when training ends.)
+            ModelCheckpoint(
+                dirpath=output_dir / "checkpoints",
+                filename="last",
+                save_top_k=1,
+                enable_version_counter=False,
+            ),
+            resume.RunIdInCheckpoint(run_id),
         ],
         default_root_dir=output_dir,
     )
@@ -106,14 +119,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     status = "FAILED"
     try:
-        trainer.fit(module, data.train, data.val, ckpt_path=cfg.ckpt_path)
+        # weights_only: unpickling a checkpoint may not run code; ours hold only plain types.
+        trainer.fit(module, data.train, data.val, ckpt_path=cfg.ckpt_path, weights_only=True)
         if trainer.interrupted:
             status = "KILLED"
             raise KeyboardInterrupt("training was interrupted")
         status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit) as error:
         status = "KILLED"
-        raise
+        last = output_dir / "checkpoints" / "last.ckpt"
+        code = resume.interrupted(error, run_id, last, list(hydra_cfg.overrides.task))
+        raise SystemExit(code) from None
     finally:
         if status == "FINISHED" and cfg.logger.log_checkpoint:
             last = output_dir / "checkpoints" / "last.ckpt"
