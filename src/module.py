@@ -99,9 +99,7 @@ class TBPTTModule(pl.LightningModule):
                     group["lr"] = lr * update.lr_scale
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            if self.gradient_clip_val is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
-            optimizer.step()
+            optimizer.step()  # clips in on_before_optimizer_step
 
         hidden = self._hidden if self.stream else None
         losses, hidden = tbptt.run_updates(
@@ -165,8 +163,14 @@ class TBPTTModule(pl.LightningModule):
                 self.logger.run_id, counts, "tbptt/window_length_counts.json"
             )
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Clip here rather than before optimizer.step(): with precision=16-mixed the gradients
+        # are unscaled only inside step(), just before this hook.
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
+
     def _reset_epoch_sums(self) -> None:
-        self._loss_sum = torch.zeros(())
+        self._loss_sum = torch.zeros((), device=self.device)
         self._n_updates = 0
         self._n_timesteps = 0
         self._window_lengths: list[int] = []
@@ -194,7 +198,9 @@ class TBPTTModule(pl.LightningModule):
         else:
             metric = loss
         n = target.numel()
-        self._val_sums += torch.stack([loss.detach() * n, metric.detach() * n, torch.tensor(n)])
+        self._val_sums += torch.stack(
+            [loss.detach() * n, metric.detach() * n, torch.tensor(n, device=self.device)]
+        )
 
     def on_validation_epoch_end(self) -> None:
         loss_sum, metric_sum, n = self._val_sums.tolist()

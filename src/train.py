@@ -178,7 +178,7 @@ def build_module(cfg: DictConfig) -> tuple[SequenceData, TBPTTModule]:
         model,
         data.spec,
         cfg.tbptt,
-        optimizer_factory=_optimizer_factory(cfg.optimizer, cfg.trainer.accelerator),
+        optimizer_factory=_optimizer_factory(cfg.optimizer, cfg.trainer),
         stream=data.stream,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         detect_divergence=cfg.trainer.detect_divergence,
@@ -205,7 +205,7 @@ def build_trainer(
     progress = [TrainingProgressBar()] if cfg.trainer.enable_progress_bar else []
     return pl.Trainer(
         accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
+        devices=_devices(cfg.trainer),
         precision=cfg.trainer.precision,
         max_epochs=cfg.trainer.max_epochs,
         limit_train_batches=cfg.trainer.get("limit_train_batches"),
@@ -231,14 +231,30 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def _optimizer_factory(optimizer_cfg: DictConfig, accelerator: str) -> Any:
+def _optimizer_factory(optimizer_cfg: DictConfig, trainer_cfg: DictConfig) -> Any:
     from hydra.utils import instantiate
 
     kwargs = {}
     # The fused kernel steps a small model several times faster; CPU and CUDA both have it.
+    # Not with 16-mixed: a fused optimizer unscales the gradients inside its step, so the
+    # gradient scaler cannot unscale them before clipping, and Lightning refuses to clip.
     if optimizer_cfg.get("fused", "absent") is None:
-        kwargs["fused"] = accelerator in ("cpu", "gpu", "cuda", "auto")
+        kwargs["fused"] = trainer_cfg.accelerator in ("cpu", "gpu", "cuda", "auto") and str(
+            trainer_cfg.precision
+        ) not in ("16-mixed", "16")
     return instantiate(optimizer_cfg, **kwargs)
+
+
+def _devices(trainer_cfg: DictConfig) -> Any:
+    # Workers sharing a host each claim a GPU of their own (see src/gpus.py).
+    lock_dir = trainer_cfg.get("gpu_lock_dir")
+    if trainer_cfg.accelerator not in ("gpu", "cuda") or not lock_dir:
+        return trainer_cfg.devices
+    import torch
+
+    from src.gpus import claim_gpu
+
+    return [claim_gpu(lock_dir, torch.cuda.device_count())]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
