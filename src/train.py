@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from src import resume, tracking
+    from src import resume, sweep_tracking, tracking
 
     _quiet_lightning()
     hydra_cfg = HydraConfig.get()
@@ -84,6 +84,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     data, module = build_module(cfg)
 
+    # In a sweep, the run is a child of the sweep's parent run (src/sweep_tracking.py).
+    job = sweep_tracking.job_run(client, cfg, hydra_cfg)
     run_id = None
     if cfg.ckpt_path:
         # Training goes on in the run the checkpoint came from (src/resume.py).
@@ -92,8 +94,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run_id = tracking.create_run(
             client,
             cfg,
-            run_name=cfg.logger.run_name,
+            run_name=job.run_name,
             overrides=list(hydra_cfg.overrides.task),
+            parent_run_id=job.parent_run_id,
+            extra_tags=job.tags,
         )
     # Which thread count `trainer.num_threads=auto` chose, for comparing runs' speed.
     client.set_tag(run_id, "torch.num_threads", str(torch.get_num_threads()))
