@@ -53,16 +53,23 @@ def torch_threads(setting: Any) -> int:
     """Threads for this run: the cores shared out among the runs that go on in parallel."""
     if setting != "auto":
         return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
     parallel = 1
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        launcher = HydraConfig.get().launcher
-        parallel = max(1, int(launcher.get("n_jobs", 1) or 1))
+        hydra_cfg = HydraConfig.get()
+        parallel = int(hydra_cfg.launcher.get("n_jobs", 1) or 1)
+        if parallel < 0:
+            parallel = cores + 1 + parallel  # as in joblib: -1 is every core
+        # The Optuna sweeper launches at most its own n_jobs trials at a time.
+        batch = hydra_cfg.sweeper.get("n_jobs")
+        if isinstance(batch, int) and batch > 0:
+            parallel = min(parallel, batch)
     except (ValueError, TypeError):
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // parallel)
+    return max(1, cores // max(1, parallel))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -73,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.loggers import MLFlowLogger
 
     from src import resume, sweep_tracking, tracking
+    from src.pruning import sweep_trial
 
     _quiet_lightning()
     hydra_cfg = HydraConfig.get()
@@ -86,6 +94,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # In a sweep, the run is a child of the sweep's parent run (src/sweep_tracking.py).
     job = sweep_tracking.job_run(client, cfg, hydra_cfg)
+    # In an Optuna sweep, the job reports to its trial and may be pruned (src/pruning.py).
+    trial = sweep_trial(hydra_cfg.sweeper, cfg.optimized_metric)
     run_id = None
     if cfg.ckpt_path:
         # Training goes on in the run the checkpoint came from (src/resume.py).
@@ -97,8 +107,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             run_name=job.run_name,
             overrides=list(hydra_cfg.overrides.task),
             parent_run_id=job.parent_run_id,
-            extra_tags=job.tags,
+            extra_tags=job.tags | (trial.tags() if trial else {}),
         )
+    if trial:
+        trial.attach_run(run_id)
     # Which thread count `trainer.num_threads=auto` chose, for comparing runs' speed.
     client.set_tag(run_id, "torch.num_threads", str(torch.get_num_threads()))
     trainer = build_trainer(
@@ -116,6 +128,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 enable_version_counter=False,
             ),
             resume.RunIdInCheckpoint(run_id),
+            *(trial.callbacks() if trial else []),
         ],
         default_root_dir=output_dir,
     )
@@ -134,7 +147,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         last = output_dir / "checkpoints" / "last.ckpt"
         code = resume.interrupted(error, run_id, last, list(hydra_cfg.overrides.task))
         raise SystemExit(code) from None
+    except Exception:
+        # A trial the pruner stopped ended early on purpose; the sweeper records it PRUNED.
+        if trial and trial.pruned_at is not None:
+            status = "KILLED"
+        raise
     finally:
+        if trial:
+            client.set_tag(run_id, "trial.state", trial.state(status))
         if status == "FINISHED" and cfg.logger.log_checkpoint:
             last = output_dir / "checkpoints" / "last.ckpt"
             if last.exists():
