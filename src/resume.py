@@ -112,9 +112,9 @@ def interrupted(error: BaseException, run_id: str, last_ckpt: Path, overrides: l
 
     code = 128 + (signal.SIGTERM if isinstance(error, SIGTERMException) else signal.SIGINT)
     if last_ckpt.exists():
-        from src.tracking import mask_value
+        from src.tracking import mask_override
 
-        kept = [_masked(arg, mask_value) for arg in overrides if not arg.startswith("ckpt_path=")]
+        kept = [mask_override(arg) for arg in overrides if not arg.startswith("ckpt_path=")]
         kept.append(f"ckpt_path={last_ckpt.resolve()}")
         command = " ".join(["python -m src.train", *map(shlex.quote, kept)])
         print(
@@ -126,8 +126,3 @@ def interrupted(error: BaseException, run_id: str, last_ckpt: Path, overrides: l
         print(f"interrupted: MLflow run {run_id} ended KILLED before its first epoch "
               f"completed; there is no checkpoint to resume from.", file=sys.stderr)
     return code
-
-
-def _masked(override: str, mask_value: Any) -> str:
-    key, equals, value = override.partition("=")
-    return f"{key}{equals}{mask_value(key, value)}" if equals else override

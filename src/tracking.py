@@ -13,7 +13,6 @@ import re
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key", re.IGNORECASE)
+URI_PASSWORD = re.compile(r"(?P<user>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s/]+@")
 
 # An MLflow client pointed at a dead server retries for minutes by default; these make it
 # give up within seconds. Set before mlflow is imported, and only where the user has not.
@@ -33,6 +33,13 @@ FAST_FAIL_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+
+# Tracking stores that are databases on a server, and how to bound the wait for a connection.
+DATABASE_TIMEOUT_ARGS = {
+    "postgresql": {"connect_timeout": 5},
+    "mysql": {"connect_timeout": 5},
+    "mssql": {"timeout": 5},
 }
 
 
@@ -49,15 +56,13 @@ def resolve_tracking_uri(configured: str | None, cwd: str | Path | None = None) 
     return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
 
 
-def mask_uri(uri: str) -> str:
-    """Hide the password of a URI such as `postgresql://user:secret@host/db`."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+def mask_uri(text: str) -> str:
+    """Hide the password of every URI in `text`: `postgresql://user:***@host/db`.
+
+    The password runs to the last `@` before the host, so one that holds an `@` is hidden
+    whole; the URI may stand alone or inside a message.
+    """
+    return URI_PASSWORD.sub(r"\g<user>***@", text)
 
 
 def mask_value(key: str, value: Any) -> Any:
@@ -70,6 +75,12 @@ def mask_value(key: str, value: Any) -> Any:
     return value
 
 
+def mask_override(override: str) -> str:
+    """A command-line override `key=value` as it may be shown: its value masked as needed."""
+    key, equals, value = override.partition("=")
+    return f"{key}{equals}{mask_value(key, value)}" if equals else override
+
+
 def client_for(uri: str) -> MlflowClient:
     """An MLflow client for `uri` that fails fast and says which store it could not reach."""
     for name, value in FAST_FAIL_ENV.items():
@@ -77,8 +88,9 @@ def client_for(uri: str) -> MlflowClient:
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
     try:
+        _probe_database(uri)
+        client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as error:
         raise TrackingError(
@@ -87,6 +99,22 @@ def client_for(uri: str) -> MlflowClient:
             f"logger.tracking_uri (or MLFLOW_TRACKING_URI) to a store that is up."
         ) from None
     return client
+
+
+def _probe_database(uri: str) -> None:
+    # MLflow retries a database it cannot connect to ten times, backing off for about 100 s
+    # in all, with no setting to shorten it; one connection with a timeout answers at once.
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in DATABASE_TIMEOUT_ARGS:
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args=DATABASE_TIMEOUT_ARGS[scheme])
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
 
 
 def _first_line(error: BaseException) -> str:
@@ -133,7 +161,8 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    tags.update({str(key): str(value) for key, value in (cfg.logger.tags or {}).items()})
+    user_tags = (cfg.logger.tags or {}).items()
+    tags.update({str(key): str(mask_value(str(key), value)) for key, value in user_tags})
     return tags
 
 

@@ -74,21 +74,26 @@ def torch_threads(setting: Any) -> int:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build the data and model, train under an MLflow run, and return the final metrics."""
-    import torch
     from hydra.core.hydra_config import HydraConfig
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import MLFlowLogger
 
-    from src import resume, sweep_tracking, tracking
-    from src.pruning import sweep_trial
+    from src import sweep_tracking, tracking
 
-    _quiet_lightning()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
 
-    # Reach the tracking store first: a dead server should cost seconds, not a trained model.
+    # Reach the tracking store first, before Lightning's import (seconds): a dead server
+    # should cost seconds, not a trained model.
     tracking_uri = tracking.resolve_tracking_uri(cfg.logger.tracking_uri, hydra_cfg.runtime.cwd)
     client = tracking.client_for(tracking_uri)
+
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from src import resume
+    from src.pruning import sweep_trial
+
+    _quiet_lightning()
 
     data, module = build_module(cfg)
 

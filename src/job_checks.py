@@ -1,0 +1,91 @@
+"""Check the config of every job of a multirun before the first job starts.
+
+Hydra's grid sweeper runs the jobs one after another and reports a failed job only when the
+whole batch is done, so `-m tbptt.k=5,0,20` would train k=5, fail k=0 and train k=20 before
+saying anything. `CheckEveryJob` (a Hydra callback, registered first under `hydra.callbacks`
+in conf/train.yaml) composes each job's config as the launcher will and runs `validate` on
+it, so that one bad value stops the sweep before any job, MLflow run or Optuna trial exists.
+
+Sweeps that a sweeper samples (Optuna's `interval(...)`, or ranges in its search space) have
+no list of jobs to check; the sweeper checks its search space itself, and each trial's config
+is checked again when the trial starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import ConfigError, validate
+from src.tracking import mask_override
+
+log = logging.getLogger(__name__)
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+# Composing a config takes a few milliseconds; a grid larger than this is checked in part.
+MAX_CHECKED_JOBS = 1000
+
+
+class CheckEveryJob(Callback):
+    """Stops a multirun at once, with exit status 2, if any job's config cannot train."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.errors import HydraException
+
+        try:
+            n_checked = check_jobs(config, kwargs.get("config_name") or "train")
+        except (ConfigError, HydraException) as error:
+            print(f"error: {error}\nNo job of this multirun was started.", file=sys.stderr)
+            sys.exit(2)
+        log.debug("checked the configs of %d jobs", n_checked)
+
+
+def job_overrides(config: DictConfig) -> list[list[str]]:
+    """The overrides of each job a multirun would launch, as far as they can be listed.
+
+    The grid sweeper's jobs are every combination of its `params` and the command line's
+    sweeps. For another sweeper, each listed choice is a job's value and a sampled range is
+    left out (its values are known only when the sweeper draws them).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    arguments = []
+    if sweeper.get("_target_") == BASIC_SWEEPER and sweeper.get("params"):
+        arguments += [f"{key}={value}" for key, value in sweeper.params.items()]
+    arguments += list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+
+    choices: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            choices.pop(key, None)
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
+def check_jobs(config: DictConfig, config_name: str) -> int:
+    """Compose and validate each job's config; raise `ConfigError` naming the first bad job."""
+    from hydra import compose
+
+    jobs = job_overrides(config)
+    if len(jobs) > MAX_CHECKED_JOBS:
+        log.warning("checking the first %d of the %d job configs of this multirun",
+                    MAX_CHECKED_JOBS, len(jobs))
+    for number, overrides in enumerate(jobs[:MAX_CHECKED_JOBS]):
+        job_cfg = compose(config_name, overrides=overrides)
+        try:
+            validate(job_cfg)
+        except ConfigError as error:
+            shown = " ".join(map(mask_override, overrides))
+            raise ConfigError(f"job #{number} ({shown}): {error}") from None
+    return min(len(jobs), MAX_CHECKED_JOBS)
