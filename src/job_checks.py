@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -27,6 +28,7 @@ from src.tracking import mask_override
 log = logging.getLogger(__name__)
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+OPTUNA_SWEEPER = "hydra_plugins.tbptt_optuna_sweeper.sweeper.TbpttOptunaSweeper"
 
 # Composing a config takes a few milliseconds; a grid larger than this is checked in part.
 MAX_CHECKED_JOBS = 1000
@@ -39,6 +41,7 @@ class CheckEveryJob(Callback):
         from hydra.errors import HydraException
 
         try:
+            check_optuna_sweep(config)
             n_checked = check_jobs(config, kwargs.get("config_name") or "train")
         except (ConfigError, HydraException) as error:
             print(f"error: {error}\nNo job of this multirun was started.", file=sys.stderr)
@@ -71,6 +74,24 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
         else:
             choices.pop(key, None)
     return [list(job) for job in itertools.product(*choices.values())]
+
+
+def check_optuna_sweep(config: DictConfig) -> None:
+    """Raise the Optuna sweeper's own error for a setting or search space that cannot work.
+
+    The sweeper checks these when it starts, but Hydra starts it after the callbacks' own
+    start, when the sweep's MLflow parent run already exists; checking here creates nothing.
+    """
+    if config.hydra.sweeper.get("_target_") != OPTUNA_SWEEPER:
+        return
+    from hydra_plugins.tbptt_optuna_sweeper._sweep import OptunaSweep
+
+    settings = OmegaConf.to_container(config.hydra.sweeper, resolve=True)
+    settings.pop("_target_", None)
+    arguments = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    # Making an OptunaSweep checks every setting and the search space, and opens nothing.
+    sweeper = SimpleNamespace(settings=settings, config=config, launcher=object())
+    OptunaSweep(sweeper, arguments)
 
 
 def check_jobs(config: DictConfig, config_name: str) -> int:
