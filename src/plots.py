@@ -45,13 +45,18 @@ def _k_axis(axes: Axes, ks: list[float]) -> None:
 
 
 def _lr_label(lr: object) -> str:
-    return f"lr = {lr:g}" if isinstance(lr, float) else f"lr = {lr}"
+    return f"lr = {_short(lr)}"
+
+
+def _short(value: object) -> str:
+    parsed = _parse(value) if isinstance(value, str) else value
+    return f"{parsed:.3g}" if isinstance(parsed, float) else str(parsed)
 
 
 def objective_vs_k(record: SweepRecord, path: Path) -> str | None:
     """The first objective against k: a line per learning rate (through the mean where a
-    value of k was tried more than once), or a scatter coloured by lr when there are more
-    than six learning rates."""
+    value of k was tried more than once) when a few learning rates were each tried with
+    several k, as in a grid; otherwise a scatter coloured by lr, as an Optuna sweep gives."""
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm, Normalize
 
@@ -66,7 +71,8 @@ def objective_vs_k(record: SweepRecord, path: Path) -> str | None:
     figure = _figure()
     axes = figure.subplots()
     lrs = sorted({lr for _, lr, _ in points}, key=lambda value: (str(type(value)), value))
-    if len(lrs) <= 6:
+    per_lr = [sum(lr_ == lr for _, lr_, _ in points) for lr in lrs]
+    if len(lrs) == 1 or (len(lrs) <= 6 and min(per_lr) >= 2):
         colours = colormaps["viridis"]
         for index, lr in enumerate(lrs):
             group = [(k, y) for k, lr_, y in points if lr_ == lr]
@@ -115,7 +121,8 @@ def curves(record: SweepRecord, path: Path) -> str | None:
     if all(_finite(k) for k in ks):
         norm = (LogNorm if _log_scale(ks) else Normalize)(vmin=min(ks), vmax=max(ks) + 1e-9)
     lrs = sorted({trial.params.get(LR_PARAM, "") for trial in trials}, key=_parse_key)
-    styles = ["-", "--", ":", "-."]
+    # A line style per learning rate when there are few, as in a grid.
+    styles = ["-", "--", ":", "-."] if len(lrs) <= 4 else ["-"]
     figure = _figure()
     axes = figure.subplots()
     colours = colormaps["viridis"]
@@ -125,7 +132,7 @@ def curves(record: SweepRecord, path: Path) -> str | None:
         epochs = range(1, len(trial.curve) + 1)
         style = styles[lrs.index(trial.params.get(LR_PARAM, "")) % len(styles)]
         label = f"#{trial.number} k={trial.params.get(K_PARAM, '?')} " \
-                f"lr={trial.params.get(LR_PARAM, '?')}" + (" (pruned)" if pruned else "")
+                f"lr={_short(trial.params.get(LR_PARAM, '?'))}" + (" (pruned)" if pruned else "")
         axes.plot(epochs, trial.curve, color=colours(float(shade)), linestyle=style,
                   alpha=0.45 if pruned else 1.0, label=label)
         if pruned:

@@ -360,7 +360,17 @@ class SweepTracking(Callback):
         if study_name is not None:
             self._study = (study_name, _absolute_storage(storage, cwd))
 
-        self._parent_run_id, created = find_or_create_parent(client, experiment_id, self._sweep)
+        # Workers of one study start together: under a lock they share, one creates the
+        # parent and the others find it.
+        lock: Any = contextlib.nullcontext()
+        if self._study is not None and self._study[1]:
+            from hydra_plugins.tbptt_optuna_sweeper.workers import study_lock
+
+            lock = study_lock(self._study[1], f"mlflow-parent:{self._sweep.sweep_id}")
+        with lock:
+            self._parent_run_id, created = find_or_create_parent(
+                client, experiment_id, self._sweep
+            )
         os.environ[PARENT_RUN_ENV] = self._parent_run_id
         os.environ[SWEEP_ID_ENV] = self._sweep.sweep_id
         os.environ[SWEEP_KEYS_ENV] = ",".join(self._sweep.swept_keys)
@@ -388,6 +398,8 @@ class SweepTracking(Callback):
         if hydra_cfg.mode != RunMode.MULTIRUN or job_return.status != JobStatus.FAILED:
             return
         error = job_return._return_value  # the exception; `.return_value` would raise it
+        if type(error).__name__ == "TrialPruned":
+            return  # stopped by the Optuna pruner, not failed: train() ended its run KILLED
         record_failed_job(config, hydra_cfg, error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -401,7 +413,24 @@ class SweepTracking(Callback):
         interrupted = self._terminated or isinstance(
             getattr(sys, "last_value", None), KeyboardInterrupt
         )
+        # Lightning turns Ctrl-C and SIGTERM during a fit into SystemExit, which leaves no
+        # trace here; the job's run, ended KILLED, still tells.
+        with contextlib.suppress(Exception):
+            interrupted = interrupted or self._trial_killed()
         self._end("KILLED" if interrupted else "FAILED")
+
+    def _trial_killed(self) -> bool:
+        from src import tracking
+
+        client = tracking.client_for(self._uri)
+        experiment_id = client.get_run(self._parent_run_id).info.experiment_id
+        runs = client.search_runs(
+            [experiment_id],
+            f"tags.mlflow.parentRunId = '{self._parent_run_id}' AND attributes.status = "
+            f"'KILLED' AND tags.`{WORKER_TAG}` = '{os.environ.get(WORKER_ENV, '')}'",
+        )
+        # A pruned trial also ends KILLED, on purpose.
+        return any(run.data.tags.get(TRIAL_STATE_TAG) != "PRUNED" for run in runs)
 
     def _end(self, status: str) -> None:
         """Report on the parent and end it with `status`, once."""
