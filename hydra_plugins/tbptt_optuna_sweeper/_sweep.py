@@ -18,6 +18,7 @@ import math
 import os
 import shlex
 import socket
+import time
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -45,6 +46,13 @@ from hydra_plugins.tbptt_optuna_sweeper.study import (
     make_sampler,
     open_storage,
     storage_location,
+)
+from hydra_plugins.tbptt_optuna_sweeper.workers import (
+    Heartbeat,
+    fail_stale_trials,
+    heartbeat_storage_kwargs,
+    heartbeats_on,
+    study_lock,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +88,9 @@ class Settings:
     n_jobs: int
     max_failure_rate: float
     params: dict[str, Any]
+    heartbeat_interval: int | None = None
+    grace_period: int | None = None
+    max_retry: int | None = None
 
     @classmethod
     def from_config(cls, settings: dict[str, Any], optimized_metric: Any) -> Settings:
@@ -112,6 +123,13 @@ class Settings:
             raise SweepConfigError(
                 f"hydra.sweeper.study_name must be a non-empty string, but got {study_name!r}."
             )
+        for key in ("heartbeat_interval", "grace_period", "max_retry"):
+            value = settings.get(key)
+            if value is not None and (not _is_int(value) or value < (0 if key == "max_retry"
+                                                                       else 1)):
+                raise SweepConfigError(
+                    f"hydra.sweeper.{key} must be a positive integer or null, but got {value!r}."
+                )
         seed = settings["seed"]
         if seed is not None and not _is_int(seed):
             raise SweepConfigError(
@@ -131,6 +149,9 @@ class Settings:
             n_jobs=_batch_size(settings["n_jobs"]),
             max_failure_rate=float(rate),
             params=dict(settings.get("params") or {}),
+            heartbeat_interval=settings.get("heartbeat_interval"),
+            grace_period=settings.get("grace_period"),
+            max_retry=settings.get("max_retry"),
         )
 
 
@@ -208,6 +229,7 @@ class OptunaSweep:
         self.host = socket.gethostname()
         self.exhausted = False
         self.last_error: str | None = None
+        self._told_waiting = False
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -215,7 +237,8 @@ class OptunaSweep:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
         study = self.open_study()
-        self.release_orphans(study)
+        with study_lock(self.settings.storage, self.settings.study_name):
+            self.release_orphans(study)
 
         tally = Tally.of(study.get_trials(deepcopy=False))
         where = f"study {self.settings.study_name!r} in {display_location(self.settings.storage)}"
@@ -234,7 +257,11 @@ class OptunaSweep:
                 self.check_failures(study)
                 trials = self.ask_batch(study)
                 if not trials:
-                    break
+                    # Trials that other workers run may still die and need running again.
+                    if not self.others_running(study):
+                        break
+                    time.sleep(self.settings.heartbeat_interval or 2)
+                    continue
                 self.run_batch(study, trials)
             self.check_failures(study)
         finally:
@@ -247,17 +274,38 @@ class OptunaSweep:
         Counting and asking belong together: two workers of one study that interleave them
         can overshoot n_trials, so this is the one place to serialise across workers.
         """
-        # TODO: on a shared database, hold a lock (a PostgreSQL advisory lock) around this
-        # method, and fail trials whose heartbeat stopped before counting.
-        tally = Tally.of(study.get_trials(deepcopy=False))
-        room = min(self.settings.n_jobs, self.total - tally.counted)
-        trials = []
-        for _ in range(max(room, 0)):
-            trial = study.ask(self.space.distributions)
-            trial.set_user_attr("sweeper_host", self.host)
-            trial.set_user_attr("sweeper_pid", os.getpid())
-            trials.append(trial)
+        # Every worker of the study takes the same lock (see workers.py), so no two count at
+        # once; trials of dead workers are failed first, and those queued again are asked
+        # for first.
+        with study_lock(self.settings.storage, self.settings.study_name):
+            fail_stale_trials(study)
+            self.release_orphans(study)
+            tally = Tally.of(study.get_trials(deepcopy=False))
+            room = min(self.settings.n_jobs, self.total - tally.counted)
+            trials = []
+            for _ in range(max(room, 0)):
+                trial = study.ask(self.space.distributions)
+                trial.set_user_attr("sweeper_host", self.host)
+                trial.set_user_attr("sweeper_pid", os.getpid())
+                trials.append(trial)
+            # A first beat before the lock is released: no trial is ever RUNNING unbeaten.
+            Heartbeat(study, [trial._trial_id for trial in trials]).beat()
         return trials
+
+    def others_running(self, study: optuna.Study) -> bool:
+        """Whether trials of other workers still run that this worker may have to run again.
+
+        With heartbeats, any RUNNING trial (its worker may die on any host); without, only
+        those of this host, whose dead workers `release_orphans` detects.
+        """
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not heartbeats_on(study):
+            running = [t for t in running if t.user_attrs.get("sweeper_host") == self.host]
+        if running and not self._told_waiting:
+            self._told_waiting = True
+            log.info("n_trials are taken; waiting for %d trial(s) that other workers run, in "
+                     "case one of them dies and its trial has to run again.", len(running))
+        return bool(running)
 
     def run_batch(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
         jobs = []
@@ -275,9 +323,10 @@ class OptunaSweep:
             return
 
         try:
-            returns = self.launcher.launch(
-                [overrides for _, overrides in jobs], initial_job_idx=jobs[0][0].number
-            )
+            with Heartbeat(study, [trial._trial_id for trial, _ in jobs]):
+                returns = self.launcher.launch(
+                    [overrides for _, overrides in jobs], initial_job_idx=jobs[0][0].number
+                )
         except BaseException as error:
             for trial, _ in jobs:
                 self.interrupt(study, trial._trial_id, trial.number, error)
@@ -304,7 +353,10 @@ class OptunaSweep:
     def open_study(self) -> optuna.Study:
         """Create the study, or load it and check that this command continues it."""
         settings = self.settings
-        storage = open_storage(settings.storage)
+        storage = open_storage(settings.storage, **heartbeat_storage_kwargs(
+            settings.heartbeat_interval, settings.grace_period, settings.max_retry,
+            on_stale=self.end_stale_run,
+        ))
         existing = settings.study_name in optuna.get_all_study_names(storage)
         n_before = 0
         if existing:
@@ -362,8 +414,28 @@ class OptunaSweep:
                         "trials still count. Before: %s", where,
                         study.user_attrs.get("search_space"))
 
+    def end_stale_run(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """End the MLflow run of a trial whose worker died: it would show RUNNING for ever."""
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            return
+        from src import tracking
+
+        uri = tracking.resolve_tracking_uri(self.config.logger.get("tracking_uri"), Path.cwd())
+        client = tracking.client_for(uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "trial.state", "FAIL")
+            client.set_tag(run_id, "trial.error", "its worker stopped beating (died?)")
+            client.set_terminated(run_id, "KILLED")
+
     def release_orphans(self, study: optuna.Study) -> None:
-        """Fail RUNNING trials whose sweep process on this host is gone (a killed sweep)."""
+        """Fail RUNNING trials whose sweep process on this host is gone (a killed sweep).
+
+        Not on a storage with heartbeats: there a dead worker's trial goes stale on any host
+        alike, and is run again with the same parameters (see workers.py).
+        """
+        if heartbeats_on(study):
+            return
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = trial.user_attrs.get("sweeper_pid")
             if trial.user_attrs.get("sweeper_host") == self.host and not _alive(pid):
@@ -407,7 +479,13 @@ class OptunaSweep:
     def fail(self, study: optuna.Study, trial: optuna.Trial, error: BaseException) -> None:
         message = f"{type(error).__name__}: {error}".strip()
         self.last_error = f"trial {trial.number}: {message}"
-        trial.set_user_attr("error", message[:2000])
+        try:
+            trial.set_user_attr("error", message[:2000])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker failed it first (its heart seemed to stop): the study has it.
+            log.warning("Trial %d failed after another worker had failed it: %s",
+                        trial.number, message)
+            return
         self._tell(study, trial, state=TrialState.FAIL)
         if os.environ.get("HYDRA_FULL_ERROR") == "1" and error.__traceback__ is not None:
             message = "".join(traceback.format_exception(error))
@@ -424,7 +502,8 @@ class OptunaSweep:
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, **result: Any) -> None:
         try:
-            study.tell(trial, **result)
+            # skip_if_finished: another worker may have failed it as stale meanwhile.
+            study.tell(trial, **result, skip_if_finished=True)
         except RuntimeError as error:
             # The grid and brute-force samplers call study.stop() once every point has run;
             # outside study.optimize that raises, after the result has been stored.

@@ -47,6 +47,13 @@ class TbpttOptunaSweeperConf:
     storage: str | None = DEFAULT_STORAGE
     study_name: str = "tbptt"
 
+    # Database storages: each worker beats the heart of its running trials every
+    # heartbeat_interval seconds; a trial silent for grace_period seconds (its worker died) is
+    # failed and run again, at most max_retry times. null turns heartbeats off.
+    heartbeat_interval: int | None = 10
+    grace_period: int | None = 60
+    max_retry: int | None = 3
+
     # The total for the study, counting trials that ran in earlier invocations.
     n_trials: int = 20
     # Trials launched together; follows the launcher's n_jobs (1 for the in-process one).

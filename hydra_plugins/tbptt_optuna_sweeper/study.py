@@ -73,14 +73,17 @@ def display_location(storage: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def open_storage(storage: str) -> optuna.storages.BaseStorage:
-    """A journal file (any path) or a database (any SQLAlchemy URL) as an Optuna storage."""
+def open_storage(storage: str, **rdb_kwargs: Any) -> optuna.storages.BaseStorage:
+    """A journal file (any path) or a database (any SQLAlchemy URL) as an Optuna storage.
+
+    `rdb_kwargs` go to `RDBStorage` (heartbeats: see workers.py); a journal takes none.
+    """
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     location = storage_location(storage)
     if is_database_url(location):
-        return optuna.storages.RDBStorage(location)
+        return optuna.storages.RDBStorage(location, **rdb_kwargs)
     Path(location).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(location))
 
