@@ -417,6 +417,58 @@ def test_mlflow_service_command_serves_on_postgres(compose_postgres, tmp_path: P
         stop_process_group(process)
 
 
+@pytest.mark.server
+@pytest.mark.slow
+def test_trainer_service_command_runs_a_sweep_on_the_services(compose_postgres, tmp_path):
+    """The trainer's command and environment, on the CPU, against PostgreSQL and MLflow."""
+    from conftest import TINY
+    from servers import start_mlflow_server
+
+    pg, suffix = compose_postgres
+    service = resolved_compose(pg.password)["services"]["trainer"]
+    entrypoint = next(a for k, a in dockerfile_instructions() if k == "ENTRYPOINT")
+    backend = to_test_servers(f"{pg.url('mlflow')}", pg, suffix)
+    with start_mlflow_server(tmp_path / "mlflow", backend_uri=backend) as tracking_uri:
+        env = {key: to_test_servers(value, pg, suffix)
+               for key, value in service["environment"].items()}
+        env |= {
+            "MLFLOW_TRACKING_URI": tracking_uri,  # was http://mlflow:5000
+            "TBPTT_GPU_LOCK_DIR": str(tmp_path / "gpu-locks"),
+            "HOSTNAME": "trainer-1",  # what Docker sets in each replica
+            "OMP_NUM_THREADS": "1",
+        }
+        args = [("trainer=cpu" if arg == "trainer=gpu" else arg.replace("/workspace",
+                                                                           str(tmp_path)))
+                for arg in service["command"]]
+        small = [*TINY, "trainer.num_threads=1", "hydra.sweeper.n_trials=2",
+                 "hydra.sweeper.pruner_options.n_startup_trials=100"]
+        command = [sys.executable if part == "python" else part
+                   for part in yaml.safe_load(entrypoint)]
+        result = subprocess.run(
+            [*command, *args, *small], cwd=tmp_path, env={**os.environ, **env},
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+        # The study is in the compose file's database, under its name ...
+        from hydra_plugins.tbptt_optuna_sweeper.study import load_study
+
+        study_name = next(arg.split("=", 1)[1] for arg in service["command"]
+                          if arg.startswith("hydra.sweeper.study_name="))
+        study = load_study(env["TBPTT_OPTUNA_STORAGE"], study_name)
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+        # ... the sweep folder is the replica's own ...
+        assert (tmp_path / "multirun" / "tbptt" / "trainer-1" / "multirun.yaml").exists()
+        # ... and the runs are on the tracking server, nested, with no password in a tag.
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        runs = client.search_runs([client.get_experiment_by_name("tbptt-lab").experiment_id])
+        parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+        assert len(parents) == 1 and len(runs) == 3
+        assert all(pg.password not in str(r.data.tags) + str(r.data.params) for r in runs)
+
+
 def test_trainer_command_is_a_valid_train_invocation() -> None:
     """The trainer's arguments, with the GPU swapped for the CPU, parse and compose."""
     from conftest import compose
