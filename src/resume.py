@@ -49,12 +49,19 @@ class RunIdInCheckpoint(Callback):
 
 
 def checkpoint_run_id(path: str | Path) -> str | None:
-    """The MLflow run id saved in a checkpoint, or None for one saved without it."""
+    """The MLflow run id saved in a checkpoint (None if none was); `ConfigError` if unsafe."""
     import torch
 
     # weights_only: a checkpoint is data, and unpickling arbitrary objects would run code.
     # mmap: the id is all that is read here, not the tensors.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(
+            f"ckpt_path must be a checkpoint that loads with weights_only=True (tensors and "
+            f"plain values only), but {str(path)!r} does not: {type(error).__name__}: {reason}"
+        ) from None
     run_id = checkpoint.get(RUN_ID_KEY) if isinstance(checkpoint, dict) else None
     return run_id if isinstance(run_id, str) and run_id else None
 

@@ -200,7 +200,8 @@ def create_run(
 
     resolved = OmegaConf.to_yaml(_masked_config(cfg), resolve=True)
     client.log_text(run_id, resolved, "config/config.yaml")
-    client.log_text(run_id, "\n".join(overrides) + "\n", "config/overrides.txt")
+    masked = [mask_override(override) for override in overrides]
+    client.log_text(run_id, "\n".join(masked) + "\n", "config/overrides.txt")
     return run_id
 
 
