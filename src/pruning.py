@@ -10,6 +10,7 @@ MLflow run KILLED with the tag `trial.state=PRUNED`.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -35,7 +36,9 @@ class SweepTrial:
         return {"optuna.study_name": self.study_name, "trial.number": str(self.trial.number)}
 
     def attach_run(self, run_id: str) -> None:
+        """Record the trial's MLflow run, and the process that trains it, on the trial."""
         self.trial.set_user_attr("mlflow_run_id", run_id)
+        self.trial.set_user_attr("job_pid", os.getpid())
 
     def callbacks(self) -> list[pl.Callback]:
         return [] if self.metric is None else [PruningCallback(self)]

@@ -147,8 +147,10 @@ SETTING_ERRORS = [
     # (settings, words the message must contain)
     ({"sampler": "tpee"}, ["hydra.sweeper.sampler", "tpe, random, grid", "'tpee'"]),
     ({"pruner": "medain"}, ["hydra.sweeper.pruner", "median, percentile", "'medain'"]),
-    ({"pruner_options": {"n_warmup": 1}}, ["hydra.sweeper.pruner_options", "n_warmup"]),
-    ({"sampler_options": {"startup": 1}}, ["hydra.sweeper.sampler_options", "startup"]),
+    ({"pruner_options": {"n_warmup": 1}},
+     ["hydra.sweeper.pruner_options.n_warmup: no such option", "n_warmup_steps"]),
+    ({"sampler_options": {"startup": 1}},
+     ["hydra.sweeper.sampler_options.startup: no such option", "n_startup_trials"]),
     ({"direction": "minimise"}, ["hydra.sweeper.direction", "minimize or maximize"]),
     ({"direction": ["minimize", "minimize"]}, ["2 entries", "1 metrics"]),
     ({"n_trials": 0}, ["hydra.sweeper.n_trials", "positive integer"]),
@@ -175,6 +177,14 @@ def test_a_setting_that_cannot_work_fails_naming_the_key(settings, words):
         make_pruner(checked.pruner, checked.pruner_options)
     for word in words:
         assert word in str(error.value)
+
+
+def test_an_option_of_another_sampler_or_pruner_is_ignored_not_an_error():
+    # A sweep file written for tpe and median still runs with sampler=grid, pruner=hyperband.
+    grid = make_sampler("grid", 0, {"n_startup_trials": 6}, {"k": CategoricalDistribution([2])})
+    assert type(grid).__name__ == "GridSampler"
+    hyperband = make_pruner("hyperband", {"n_startup_trials": 4, "min_resource": 2})
+    assert type(hyperband).__name__ == "HyperbandPruner"
 
 
 def test_several_objectives_need_no_pruner_and_take_one_direction_each():

@@ -30,6 +30,11 @@ import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from optuna.distributions import (
+    check_distribution_compatibility,
+    distribution_to_json,
+    json_to_distribution,
+)
 from optuna.trial import TrialState
 
 from hydra_plugins.tbptt_optuna_sweeper.search_space import (
@@ -377,7 +382,9 @@ class OptunaSweep:
         )
         definition = {
             "fixed_overrides": sorted(self.space.fixed),
-            "search_space": {key: str(value) for key, value in self.space.distributions.items()},
+            "search_space": {
+                key: distribution_to_json(value) for key, value in self.space.distributions.items()
+            },
         }
         if not study.user_attrs.get("fixed_overrides") and not study.user_attrs.get(
             "search_space"
@@ -409,10 +416,22 @@ class OptunaSweep:
                 f"{' '.join(dropped) or 'no other overrides'}, where this command has "
                 f"{' '.join(added) or 'none of them'}."
             )
-        if study.user_attrs.get("search_space") != definition["search_space"]:
+        before_space = study.user_attrs.get("search_space") or {}
+        for key, distribution in self.space.distributions.items():
+            if key not in before_space:
+                continue
+            # Optuna lets a range widen or narrow within a study, but not a choice change.
+            previous = json_to_distribution(before_space[key])
+            try:
+                check_distribution_compatibility(previous, distribution)
+            except ValueError as error:
+                raise SweepConfigError(
+                    f"{where} {_fresh_study_hint()} Its trials sampled {key} from {previous}; "
+                    f"this command asks for {distribution}, which Optuna cannot mix: {error}"
+                ) from None
+        if before_space != definition["search_space"]:
             log.warning("The search space differs from the one %s started with; its earlier "
-                        "trials still count. Before: %s", where,
-                        study.user_attrs.get("search_space"))
+                        "trials still count. Before: %s", where, before_space)
 
     def end_stale_run(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """End the MLflow run of a trial whose worker died: it would show RUNNING for ever."""
@@ -488,7 +507,7 @@ class OptunaSweep:
             return
         self._tell(study, trial, state=TrialState.FAIL)
         if os.environ.get("HYDRA_FULL_ERROR") == "1" and error.__traceback__ is not None:
-            message = "".join(traceback.format_exception(error))
+            message += "\n" + "".join(traceback.format_exception(error))
         log.warning("Trial %d failed: %s", trial.number, message)
 
     def interrupt(self, study: optuna.Study, trial_id: int, number: int, why: Any) -> None:

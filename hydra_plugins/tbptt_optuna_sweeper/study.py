@@ -12,6 +12,7 @@ Optuna is imported inside the functions: Hydra imports this module at start-up.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,11 @@ from hydra_plugins.tbptt_optuna_sweeper.config import PRUNERS, SAMPLERS
 if TYPE_CHECKING:
     import optuna
     from optuna.distributions import BaseDistribution
+
+log = logging.getLogger(__name__)
+
+# Each ignored option is said once, though the sweeper builds its sampler more than once.
+_warned: set[tuple[str, str, str]] = set()
 
 
 class SweepConfigError(CompactHydraException, ValueError):
@@ -124,10 +130,14 @@ def make_pruner(name: Any, options: Mapping[str, Any] | None = None) -> optuna.p
         raise SweepConfigError(
             f"hydra.sweeper.pruner must be one of {', '.join(PRUNERS)}, but got {name!r}."
         )
+    if name == "none":
+        # The options a sweep file gives its pruner must not stop `pruner=none` from working.
+        return optuna.pruners.NopPruner()
     if name == "percentile":
         # Optuna has no default; 25 prunes a trial worse than three quarters of the others.
         options.setdefault("percentile", 25.0)
-    return _build("hydra.sweeper.pruner_options", f"pruner {name}", classes[name], options)
+    return _build("hydra.sweeper.pruner_options", f"pruner {name}", classes[name], options,
+                  classes)
 
 
 def make_sampler(
@@ -162,7 +172,7 @@ def make_sampler(
     if name in ("gp", "qmc"):
         _require_module("scipy", f"sampler={name}")
     return _build("hydra.sweeper.sampler_options", f"sampler {name}", classes[name],
-                  {"seed": seed, **options})
+                  {"seed": seed, **options}, classes)
 
 
 def grid_of(distributions: Mapping[str, BaseDistribution]) -> dict[str, list[Any]]:
@@ -187,22 +197,51 @@ def grid_of(distributions: Mapping[str, BaseDistribution]) -> dict[str, list[Any
     return grid
 
 
-def _build(options_key: str, what: str, cls: type, options: dict[str, Any]) -> Any:
+def _build(
+    options_key: str, what: str, cls: type, options: dict[str, Any], family: dict[str, type]
+) -> Any:
     import warnings
 
     import optuna
 
+    options = _options_for(options_key, what, cls, options, family)
     try:
         # Several samplers are marked experimental; the user chose one by name already.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return cls(**options)
-    except TypeError as error:
-        raise SweepConfigError(
-            f"{options_key}: the {what} does not take {sorted(options)}: {error}"
-        ) from None
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise SweepConfigError(f"{options_key}: the {what} rejects {options}: {error}") from None
+
+
+def _options_for(
+    options_key: str, what: str, cls: type, options: dict[str, Any], family: dict[str, type]
+) -> dict[str, Any]:
+    """`options` that `cls` takes. An option of another sampler (pruner) is dropped with a
+    warning, so that `sampler=grid` works with a sweep file written for tpe; a name that
+    none takes is a typo, and an error."""
+    import inspect
+
+    def takes(kind: type) -> set[str]:
+        return set(inspect.signature(kind).parameters)
+
+    accepted = takes(cls)
+    kept = {}
+    for key, value in options.items():
+        if key in accepted:
+            kept[key] = value
+            continue
+        owners = [name for name, other in family.items() if key in takes(other)]
+        if not owners:
+            raise SweepConfigError(
+                f"{options_key}.{key}: no such option; the {what} takes "
+                f"{', '.join(sorted(accepted - {'seed', 'search_space'})) or 'none'}."
+            )
+        if (options_key, key, what) not in _warned:
+            _warned.add((options_key, key, what))
+            log.warning("%s.%s is an option of %s, not of the %s: ignored.", options_key, key,
+                        " and ".join(owners), what)
+    return kept
 
 
 def _require_module(module: str, what: str) -> None:
