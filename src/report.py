@@ -160,6 +160,9 @@ class Summary:
         }
         if self.best_value is not None:
             metrics["sweep/best_value"] = float(self.best_value)
+            # Under the objective's own name too, so that in the UI's runs table the parent
+            # row shows the best trial's value in the column of its children's values.
+            metrics[self.objective] = float(self.best_value)
         return metrics
 
 
