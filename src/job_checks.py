@@ -102,8 +102,10 @@ def check_jobs(config: DictConfig, config_name: str) -> int:
     if len(jobs) > MAX_CHECKED_JOBS:
         log.warning("checking the first %d of the %d job configs of this multirun",
                     MAX_CHECKED_JOBS, len(jobs))
+    # Hydra's own overrides too: `hydra.searchpath` can decide where a config group is found.
+    hydra_overrides = list(OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False))
     for number, overrides in enumerate(jobs[:MAX_CHECKED_JOBS]):
-        job_cfg = compose(config_name, overrides=overrides)
+        job_cfg = compose(config_name, overrides=[*hydra_overrides, *overrides])
         try:
             validate(job_cfg)
         except ConfigError as error:
