@@ -235,9 +235,9 @@ def test_submitit_local_launcher_runs_the_trials_as_jobs(tmp_path) -> None:
 def test_slurm_launcher_config() -> None:
     from conftest import compose
 
-    launcher = compose(["hydra/launcher=slurm"]).hydra.launcher
+    cfg = compose(["hydra/launcher=slurm"])
+    launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
     # Job logs beside the sweep's outputs, one folder per SLURM job.
-    cfg = compose(["hydra/launcher=slurm"])
     assert launcher.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"

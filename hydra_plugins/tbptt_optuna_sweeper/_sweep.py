@@ -241,8 +241,10 @@ class OptunaSweep:
     def run(self) -> dict[str, Any]:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
-        study = self.open_study()
+        # Under the lock: workers that start together on an empty database would each create
+        # Optuna's tables, and all but one would fail.
         with study_lock(self.settings.storage, self.settings.study_name):
+            study = self.open_study()
             self.release_orphans(study)
 
         tally = Tally.of(study.get_trials(deepcopy=False))
