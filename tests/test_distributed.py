@@ -29,9 +29,9 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 N_TRIALS = 6
 N_WORKERS = 3
-# Beats every second and a trial silent for 4 s is stale: a killed worker's trial is run
+# Beats every second and a trial silent for 10 s is stale: a killed worker's trial is run
 # again within seconds instead of the default minute.
-FAST_HEARTBEAT = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4"]
+FAST_HEARTBEAT = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=10"]
 
 
 @pytest.fixture(scope="module")
