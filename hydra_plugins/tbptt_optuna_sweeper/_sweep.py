@@ -435,7 +435,8 @@ class OptunaSweep:
             log.warning("The search space differs from the one %s started with; its earlier "
                         "trials still count. Before: %s", where, before_space)
 
-    def end_stale_run(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def end_stale_run(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                      why: str = "its worker stopped beating (died?)") -> None:
         """End the MLflow run of a trial whose worker died: it would show RUNNING for ever."""
         run_id = trial.user_attrs.get("mlflow_run_id")
         if not run_id:
@@ -446,7 +447,7 @@ class OptunaSweep:
         client = tracking.client_for(uri)
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_tag(run_id, "trial.state", "FAIL")
-            client.set_tag(run_id, "trial.error", "its worker stopped beating (died?)")
+            client.set_tag(run_id, "trial.error", why)
             client.set_terminated(run_id, "KILLED")
 
     def release_orphans(self, study: optuna.Study) -> None:
@@ -460,8 +461,11 @@ class OptunaSweep:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = trial.user_attrs.get("sweeper_pid")
             if trial.user_attrs.get("sweeper_host") == self.host and not _alive(pid):
-                self.interrupt(study, trial._trial_id, trial.number,
-                               f"its sweep (process {pid}) ended while it ran")
+                why = f"its sweep (process {pid}) ended while it ran"
+                self.interrupt(study, trial._trial_id, trial.number, why)
+                # Killed outright (kill -9), the job could not end its MLflow run: end it here,
+                # or it shows RUNNING for ever and the sweep's parent run waits on it.
+                self.end_stale_run(study, trial, why)
 
     # ---- how trials end -----------------------------------------------------------------
 
