@@ -451,3 +451,65 @@ def test_yaml_is_only_read_with_a_safe_loader() -> None:
              for path in tracked_files() if path.suffix == ".py"
              for match in unsafe.finditer(path.read_text())]
     assert not found, found
+
+
+# ---- a sweep killed outright --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_with_sigkill_resumes_keeping_every_completed_trial(tmp_path,
+                                                                           tracking_uri) -> None:
+    from mlflow import MlflowClient
+
+    from hydra_plugins.tbptt_optuna_sweeper._sweep import Tally
+    from hydra_plugins.tbptt_optuna_sweeper.study import load_study
+
+    # Trials of a few seconds each, so that the kill lands inside one.
+    args = ["-m", "sweep=k_lr", "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner=none",
+            "data.n_train=512", "trainer.max_epochs=3"]
+    command = [sys.executable, "-m", "src.train",
+               *with_defaults(args, [*TINY, "trainer.num_threads=1"])]
+    env = user_env(tracking_uri)
+    journal = tmp_path / "multirun" / "k_lr" / "optuna.journal"
+
+    def trials():
+        return load_study(str(journal), "k_lr").get_trials()
+
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            # Once a trial has completed and the next one has its MLflow run: mid-training.
+            if journal.exists():
+                now = trials()
+                if Tally.of(now).complete >= 1 and any(
+                    t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in now
+                ):
+                    break
+            time.sleep(0.2)
+        process.kill()  # SIGKILL: no handler runs, nothing is cleaned up
+        process.wait(timeout=60)
+    done = {t.number: t.value for t in trials() if t.state.name == "COMPLETE"}
+    (cut,) = [t for t in trials() if t.state.name == "RUNNING"]
+    assert done, (tmp_path / "first.log").read_text()[-3000:]
+
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+    after = trials()
+    # Every trial completed before the kill is kept as it was; the sweep ran on to n_trials.
+    assert {t.number: t.value for t in after if t.number in done} == done
+    assert sum(t.state.name == "COMPLETE" for t in after) == 3
+    (killed,) = [t for t in after if t.number == cut.number]
+    assert killed.state.name == "FAIL"
+
+    # Their MLflow runs are intact; the run the kill cut off no longer shows RUNNING, and
+    # the sweep's parent run is closed again.
+    client = MlflowClient(tracking_uri)
+    for trial in after:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        expected = "KILLED" if trial.number == cut.number else "FINISHED"
+        assert run.info.status == expected, (trial.number, trial.state.name)
+    parent_id = run.data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent_id).info.status == "FINISHED"
