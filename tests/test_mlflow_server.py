@@ -167,7 +167,7 @@ def _close_assistant(page) -> None:
 
 def _show_columns(page, names: list[str]) -> None:
     """Tick param and metric columns in the Columns menu (the UI hides them at first)."""
-    page.get_by_role("button", name="Columns").click()
+    page.get_by_role("button", name="Columns", exact=True).click()
     search = page.get_by_placeholder("Search columns")
     for name in names:
         search.fill(name)
