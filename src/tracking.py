@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import flatten
@@ -25,7 +26,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key", re.IGNORECASE)
-URI_PASSWORD = re.compile(r"(?P<user>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s/]+@")
+SECRET_SETTING = re.compile(
+    r"(?P<key>[\w.+~]*(?:pass(?:word)?|secret|token|api_?key)\w*=)[^\s,]+", re.IGNORECASE
+)
+# Hydra escapes the colons of the overrides it logs: `postgresql\://user\:pw@host`.
+URI_PASSWORD = re.compile(r"(?P<user>\b[a-zA-Z][a-zA-Z0-9+.-]*\\?://[^\s:/@\\]*\\?:)[^\s/]+@")
 
 # An MLflow client pointed at a dead server retries for minutes by default; these make it
 # give up within seconds. Set before mlflow is imported, and only where the user has not.
@@ -73,6 +78,43 @@ def mask_value(key: str, value: Any) -> Any:
         if "://" in value:
             return mask_uri(value)
     return value
+
+
+def mask_text(text: str) -> str:
+    """`text` with URI passwords and `password=...`-style settings masked."""
+    return SECRET_SETTING.sub(r"\g<key>***", mask_uri(text))
+
+
+class MaskSecretsInLogs(Callback):
+    """A Hydra callback that masks secrets in every log record from the start of a command.
+
+    Hydra logs each job's overrides, and sets up fresh log handlers more than once, so the
+    masking is done where records are made rather than by a handler's filter.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        mask_secrets_in_logs()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        mask_secrets_in_logs()
+
+
+def mask_secrets_in_logs() -> None:
+    """Make every log record of this process with a secret in its message show `***`."""
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "masks_secrets", False):
+        return
+
+    def make_masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        message = record.getMessage()
+        masked = mask_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return record
+
+    make_masked_record.masks_secrets = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make_masked_record)
 
 
 def mask_override(override: str) -> str:

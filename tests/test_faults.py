@@ -513,3 +513,20 @@ def test_a_sweep_killed_with_sigkill_resumes_keeping_every_completed_trial(tmp_p
         assert run.info.status == expected, (trial.number, trial.state.name)
     parent_id = run.data.tags["mlflow.parentRunId"]
     assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_password_in_a_sweep_override_is_masked_in_what_hydra_logs(run_train,
+                                                                     tracking_uri) -> None:
+    storage = f"postgresql://user:{SECRET}@db.example:5432/optuna"
+    result = run_train("-m", f"+extra.storage={storage}", f"+extra.api_token={SECRET}",
+                       "tbptt.k=4", "trainer.max_epochs=1")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+
+    # Hydra logs each job's overrides as it launches it (with its colons escaped).
+    launched = r"#0 : \+extra.storage=postgresql\\?://user\\?:\*\*\*@db.example\\?:5432/optuna "
+    assert re.search(launched + r"\+extra.api_token=\*\*\*", output), output[-3000:]
+    assert SECRET not in output
+    (run,) = [run for run in mlflow_runs(tracking_uri) if "extra.storage" in run.data.params]
+    assert SECRET not in str(run.data.params)
