@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from hydra_plugins.tbptt_optuna_sweeper._sweep import Settings, Tally
+from hydra_plugins.tbptt_optuna_sweeper._sweep import OptunaSweep, Settings, SweepStopped, Tally
 from hydra_plugins.tbptt_optuna_sweeper.search_space import (
     SearchSpaceError,
     override_for,
@@ -251,3 +253,32 @@ def test_trials_cut_off_by_their_sweep_do_not_count():
     # Complete, pruned, failed by its own error, and running: four use up n_trials.
     assert tally.counted == 4
     assert optuna.trial.TrialState.FAIL.is_finished()
+
+
+def test_the_sweep_stops_once_failures_pass_max_failure_rate_of_n_trials(tmp_path):
+    import optuna
+    from omegaconf import OmegaConf
+    from optuna.trial import TrialState, create_trial
+
+    config = OmegaConf.create({"optimized_metric": "val/loss",
+                               "hydra": {"sweep": {"dir": str(tmp_path)}}})
+    settings = DEFAULTS | {"params": {"k": "choice(1,2)"}, "max_failure_rate": 0.25}
+    # A sweep that has opened nothing yet; only its failure check is used here.
+    sweep = OptunaSweep(SimpleNamespace(settings=settings, config=config, launcher=object()), [])
+    study = optuna.create_study()
+
+    def add(state, **attrs):
+        values = [1.0] if state == TrialState.COMPLETE else None
+        study.add_trial(create_trial(state=state, values=values, user_attrs=attrs))
+
+    add(TrialState.COMPLETE)
+    add(TrialState.FAIL, error="DivergenceError: inf")
+    add(TrialState.FAIL, interrupted="KeyboardInterrupt")  # not the trial's own failure
+    sweep.check_failures(study)  # one failure of n_trials=4 is within 0.25
+
+    add(TrialState.FAIL, error="ConfigError: data.lag must be less than data.seq_len")
+    with pytest.raises(SweepStopped) as stopped:
+        sweep.check_failures(study)
+    message = str(stopped.value)
+    assert "Stopping the sweep: 2 of 3 finished trials failed" in message
+    assert "max_failure_rate=0.25 of n_trials=4 allows (1)" in message

@@ -269,7 +269,14 @@ class OptunaSweep:
                         break
                     time.sleep(self.settings.heartbeat_interval or 2)
                     continue
-                self.run_batch(study, trials)
+                try:
+                    self.run_batch(study, trials)
+                except BaseException as error:
+                    # Ctrl-C, a killed worker, a launcher that broke: whichever of the batch's
+                    # trials did not end, ended with the sweep.
+                    for trial in trials:
+                        self.interrupt(study, trial._trial_id, trial.number, error)
+                    raise
             self.check_failures(study)
         finally:
             results = self.write_results(study)
@@ -329,15 +336,10 @@ class OptunaSweep:
         if not jobs:
             return
 
-        try:
-            with Heartbeat(study, [trial._trial_id for trial, _ in jobs]):
-                returns = self.launcher.launch(
-                    [overrides for _, overrides in jobs], initial_job_idx=jobs[0][0].number
-                )
-        except BaseException as error:
-            for trial, _ in jobs:
-                self.interrupt(study, trial._trial_id, trial.number, error)
-            raise
+        with Heartbeat(study, [trial._trial_id for trial, _ in jobs]):
+            returns = self.launcher.launch(
+                [overrides for _, overrides in jobs], initial_job_idx=jobs[0][0].number
+            )
         for (trial, _), job in zip(jobs, returns, strict=True):
             self.tell(study, trial, job)
 
@@ -520,6 +522,8 @@ class OptunaSweep:
         """Fail a trial that its sweep cut off; it does not count, and a rerun replaces it."""
         reason = f"{type(why).__name__}: {why}" if isinstance(why, BaseException) else str(why)
         try:
+            if study._storage.get_trial(trial_id).state.is_finished():
+                return
             study._storage.set_trial_user_attr(trial_id, "interrupted", reason or "interrupted")
             study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         except Exception as error:  # the storage may be what failed; the sweep ends anyway
