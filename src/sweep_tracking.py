@@ -70,6 +70,7 @@ class Sweep:
     kind: str  # "optuna" or "grid"
     swept_keys: tuple[str, ...]
     tags: dict[str, str] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()  # the command line's, secrets masked
 
     @property
     def resumable(self) -> bool:
@@ -98,14 +99,15 @@ def sweep_id(hydra_cfg: DictConfig, cwd: str | Path) -> str:
 def describe_sweep(cfg: DictConfig, cwd: str | Path) -> Sweep:
     """The sweep that `python -m src.train -m ...` starts, from its composed config (no I/O)."""
     from src.report import infer_direction
-    from src.tracking import mask_uri
+    from src.tracking import mask_override, mask_uri
 
     hydra_cfg = cfg.hydra
     study_name, storage = _study(hydra_cfg)
     swept_keys = swept_parameters(hydra_cfg)
     choice = OmegaConf.select(hydra_cfg, "runtime.choices.sweep", default=None)
-    overrides = sweep_overrides(hydra_cfg)
+    overrides = [mask_override(override) for override in sweep_overrides(hydra_cfg)]
     name = study_name or choice or (" ".join(overrides) if overrides else "sweep")
+    task = [mask_override(str(item)) for item in hydra_cfg.overrides.task]
 
     objectives = _as_list(cfg.get("optimized_metric", "val/loss"))
     directions = _as_list(OmegaConf.select(hydra_cfg, "sweeper.direction", default=None))
@@ -122,7 +124,7 @@ def describe_sweep(cfg: DictConfig, cwd: str | Path) -> Sweep:
         "sweep.params": ",".join(swept_keys),
         "sweep.objective": ",".join(objectives),
         "sweep.direction": ",".join(directions),
-        "sweep.overrides": " ".join(str(item) for item in hydra_cfg.overrides.task)[:5000],
+        "sweep.overrides": " ".join(task)[:5000],
         "mlflow.source.name": "src.train -m",
     }
     if study_name is not None:
@@ -130,7 +132,7 @@ def describe_sweep(cfg: DictConfig, cwd: str | Path) -> Sweep:
         storage_uri = _absolute_storage(storage, cwd)
         if storage_uri:
             tags["optuna.storage"] = mask_uri(storage_uri)
-    return Sweep(identity, name[:250], tags["sweep.kind"], tuple(swept_keys), tags)
+    return Sweep(identity, name[:250], tags["sweep.kind"], tuple(swept_keys), tags, tuple(task))
 
 
 def swept_parameters(hydra_cfg: DictConfig) -> list[str]:
@@ -307,6 +309,8 @@ def job_tags(hydra_cfg: DictConfig, identity: str, worker: str) -> dict[str, str
 
 def child_run_name(hydra_cfg: DictConfig) -> str:
     """`#3 tbptt.k=8, optimizer.lr=0.01`: the job number and the values swept."""
+    from src.tracking import mask_override
+
     keys = [key for key in os.environ.get(SWEEP_KEYS_ENV, "").split(",") if key]
     if not keys:
         params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None)
@@ -315,7 +319,7 @@ def child_run_name(hydra_cfg: DictConfig) -> str:
     for override in (str(item) for item in hydra_cfg.overrides.task):
         key = override.split("=", 1)[0].lstrip("+~")
         if not keys or key in keys:
-            chosen.append(override.lstrip("+~"))
+            chosen.append(mask_override(override.lstrip("+~")))
     return f"#{hydra_cfg.job.num} {', '.join(chosen)}".strip()[:250]
 
 
@@ -378,7 +382,7 @@ class SweepTracking(Callback):
         if created:
             client.log_text(
                 self._parent_run_id,
-                "\n".join(str(item) for item in config.hydra.overrides.task) + "\n",
+                "\n".join(self._sweep.overrides) + "\n",
                 "sweep/overrides.txt",
             )
         log.info(

@@ -441,3 +441,15 @@ def test_a_single_run_stays_top_level(run_train, tracking_uri) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("tbptt-lab").experiment_id])
     assert "mlflow.parentRunId" not in run.data.tags
     assert "sweep.role" not in run.data.tags
+
+
+def test_a_password_on_the_command_line_stays_out_of_the_parents_tags_and_names() -> None:
+    cfg = OmegaConf.create({"optimized_metric": "val/loss", "hydra": hydra_node()})
+    cfg.hydra.overrides.task = [
+        "logger.tracking_uri=postgresql://user:s3cret@db/mlflow", "tbptt.k=2,4",
+    ]
+
+    sweep = sweep_tracking.describe_sweep(cfg, cwd="/work")
+
+    assert "s3cret" not in json.dumps(sweep.tags) + " ".join(sweep.overrides)
+    assert "logger.tracking_uri=postgresql://user:***@db/mlflow" in sweep.overrides
