@@ -56,49 +56,68 @@ def _short(value: object) -> str:
 def objective_vs_k(record: SweepRecord, path: Path) -> str | None:
     """The first objective against k: a line per learning rate (through the mean where a
     value of k was tried more than once) when a few learning rates were each tried with
-    several k, as in a grid; otherwise a scatter coloured by lr, as an Optuna sweep gives."""
+    several k, as in a grid; otherwise a scatter coloured by lr, as an Optuna sweep gives.
+    Where lr was not swept but another key was (`tbptt.mode`, say), the lines follow that key.
+    """
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm, Normalize
 
+    series_key = _series_key(record)
     points = [
-        (_parse(t.params.get(K_PARAM, "")), _parse(t.params.get(LR_PARAM, "")), t.values[0])
+        (_parse(t.params.get(K_PARAM, "")), _parse(t.params.get(series_key, "")), t.values[0])
         for t in record.trials if t.complete
     ]
-    points = [(k, lr, y) for k, lr, y in points if _finite(k)]
+    points = [(k, series, y) for k, series, y in points if _finite(k)]
     if not points:
         return f"No plot of the objective against k: no complete trial has a numeric {K_PARAM}."
     metric = record.objectives[0]
     figure = _figure()
     axes = figure.subplots()
-    lrs = sorted({lr for _, lr, _ in points}, key=lambda value: (str(type(value)), value))
-    per_lr = [sum(lr_ == lr for _, lr_, _ in points) for lr in lrs]
-    if len(lrs) == 1 or (len(lrs) <= 6 and min(per_lr) >= 2):
+    values = sorted({v for _, v, _ in points}, key=lambda value: (str(type(value)), value))
+    per_value = [sum(v_ == v for _, v_, _ in points) for v in values]
+    if len(values) == 1 or (len(values) <= 6 and min(per_value) >= 2):
         colours = colormaps["viridis"]
-        for index, lr in enumerate(lrs):
-            group = [(k, y) for k, lr_, y in points if lr_ == lr]
+        for index, value in enumerate(values):
+            group = [(k, y) for k, v_, y in points if v_ == value]
             ks = sorted({k for k, _ in group})
             means = [_mean([y for k_, y in group if k_ == k]) for k in ks]
-            colour = colours(index / max(len(lrs) - 1, 1))
+            colour = colours(index / max(len(values) - 1, 1))
+            label = _lr_label(value) if series_key == LR_PARAM else f"{series_key} = {value}"
             axes.scatter([k for k, _ in group], [y for _, y in group], color=colour, s=14)
-            axes.plot(ks, means, marker="o", color=colour, label=_lr_label(lr))
+            axes.plot(ks, means, marker="o", color=colour, label=label)
         axes.legend(fontsize="small")
     else:
-        numeric = all(_finite(lr) for lr in lrs)
+        numeric = all(_finite(v) for v in values)
         norm = None
         if numeric:
-            norm = (LogNorm if _log_scale(lrs) else Normalize)(vmin=min(lrs), vmax=max(lrs))
+            norm = (LogNorm if _log_scale(values) else Normalize)(
+                vmin=min(values), vmax=max(values)
+            )
         scatter = axes.scatter(
             [k for k, _, _ in points], [y for _, _, y in points],
-            c=[lr for _, lr, _ in points] if numeric else None, cmap="viridis", norm=norm, s=30,
+            c=[v for _, v, _ in points] if numeric else None, cmap="viridis", norm=norm, s=30,
         )
         if numeric:
-            figure.colorbar(scatter, ax=axes, label=LR_PARAM)
+            figure.colorbar(scatter, ax=axes, label=series_key)
     _k_axis(axes, [k for k, _, _ in points])
     axes.set_ylabel(f"{metric} at the end of training")
     axes.set_title(f"{metric} against k ({record.directions[0]})")
     axes.grid(alpha=0.3)
     figure.savefig(path)
     return None
+
+
+def _series_key(record: SweepRecord) -> str:
+    """The key that tells the lines apart: lr if it varies, else another swept key that does."""
+    complete = [t for t in record.trials if t.complete]
+
+    def varies(key: str) -> bool:
+        return len({str(t.params.get(key)) for t in complete}) > 1
+
+    if varies(LR_PARAM):
+        return LR_PARAM
+    others = [key for key in record.swept_keys if key not in (K_PARAM, LR_PARAM) and varies(key)]
+    return others[0] if others else LR_PARAM
 
 
 def _mean(values: list[float]) -> float:
