@@ -47,6 +47,12 @@ class SequenceLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, hidden: Hidden = None) -> tuple[torch.Tensor, Hidden]:
         # x: (batch, time) symbols or (batch, time, features)
-        seq, hidden = self.lstm(self.embed(x), hidden)  # seq: (batch, time, hidden_size)
+        # The identity and a dropout of 0 are skipped: each call costs microseconds, and a
+        # small model's whole window takes about a millisecond.
+        if not isinstance(self.embed, nn.Identity):
+            x = self.embed(x)
+        seq, hidden = self.lstm(x, hidden)  # seq: (batch, time, hidden_size)
         # hidden: h and c, each (num_layers, batch, hidden_size)
-        return self.head(self.drop(seq)), hidden
+        if self.drop.p > 0:
+            seq = self.drop(seq)
+        return self.head(seq), hidden

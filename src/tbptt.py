@@ -17,6 +17,7 @@ The module only needs `model(x, hidden) -> (output, hidden)` with time on dimens
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,40 +146,67 @@ def run_updates(
     import torch
 
     seq_len = x.shape[1]
+    grad_enabled = torch.is_grad_enabled()
 
-    # The detached hidden state at every time step an update will start from.
+    # The detached hidden state at every time step an update will start from, kept from the
+    # step that reaches it until the last update that starts there (`last_start`).
     starts = {0: _detach(hidden)}
-    needed = {u.bp_start for u in updates}
+    last_start = {update.bp_start: i for i, update in enumerate(updates)}
+    start_steps = sorted(last_start)
     losses = []
     final_hidden = None
 
     for i, update in enumerate(updates):
-        later = {u.bp_start for u in updates[i + 1 :]} & needed
-        cuts = sorted(t for t in later if update.bp_start < t < update.end)
-        state = starts[update.bp_start]
+        # Later updates that start inside this one's span cut it into segments, so that their
+        # start state is at hand. Plain windows have no such cuts.
+        inside = start_steps[
+            bisect.bisect_right(start_steps, update.bp_start) : bisect.bisect_left(
+                start_steps, update.end
+            )
+        ]
+        cuts = [t for t in inside if last_start[t] > i]
         has_target = update.end > max(update.loss_start, first_target)
 
-        # Run [bp_start, end) in segments, keeping the detached state where later updates
-        # start; the output of the loss span is what the loss needs.
-        outputs = []
-        segment_start = update.bp_start
-        with torch.set_grad_enabled(has_target and torch.is_grad_enabled()):
-            for segment_end in [*cuts, update.end]:
-                out, state = model(x[:, segment_start:segment_end], state)
-                if segment_end > update.loss_start:
-                    outputs.append(out[:, max(0, update.loss_start - segment_start) :])
-                starts[segment_end] = _detach(state)
-                segment_start = segment_end
+        if has_target or not grad_enabled:
+            outputs = _run_span(model, x, update, cuts, starts)
+        else:
+            # A span without a target only advances the hidden state: no graph for it.
+            with torch.no_grad():
+                outputs = _run_span(model, x, update, cuts, starts)
 
         if update.end == seq_len:
-            final_hidden = _detach(state)
+            final_hidden = starts[update.end]
         if not has_target:
             continue
 
         loss_from = max(update.loss_start, first_target)
         output = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-        loss = loss_fn(output[:, loss_from - update.loss_start :], y[:, loss_from : update.end])
+        if loss_from > update.loss_start:
+            output = output[:, loss_from - update.loss_start :]
+        loss = loss_fn(output, y[:, loss_from : update.end])
         step(loss, update)
         losses.append(loss.detach())
 
     return losses, final_hidden
+
+
+def _run_span(
+    model: Callable[[torch.Tensor, Hidden], tuple[torch.Tensor, Hidden]],
+    x: torch.Tensor,
+    update: Update,
+    cuts: list[int],
+    starts: dict[int, Hidden],
+) -> list[torch.Tensor]:
+    # Run [bp_start, end) segment by segment from the detached state at bp_start, record the
+    # detached state at each segment's end, and return the outputs of the loss span.
+    state = starts[update.bp_start]
+    outputs = []
+    segment_start = update.bp_start
+    for segment_end in [*cuts, update.end]:
+        out, state = model(x[:, segment_start:segment_end], state)
+        if segment_end > update.loss_start:
+            skip = update.loss_start - segment_start
+            outputs.append(out[:, skip:] if skip > 0 else out)
+        starts[segment_end] = _detach(state)
+        segment_start = segment_end
+    return outputs

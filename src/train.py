@@ -49,10 +49,21 @@ def objective(metrics: dict[str, float], optimized_metric: Any) -> float | tuple
     return tuple(metrics[name] for name in names)
 
 
-def torch_threads(setting: Any) -> int:
-    """Threads for this run: the cores shared out among the runs that go on in parallel."""
+# An LSTM gets one thread per this many multiply-adds of a time step. Smaller kernels are not
+# worth splitting: a second thread only adds synchronisation, and on a busy machine it made
+# each step many times slower (BENCHMARKS.md, "Threads").
+THREADED_WORK = 1 << 20
+
+
+def torch_threads(setting: Any, work_per_step: int | None = None) -> int:
+    """Threads for this run: the cores shared out among the runs that go on in parallel.
+
+    With `work_per_step` (multiply-adds, see `lstm_work`) given, a run also gets no more than
+    one thread per `THREADED_WORK` of it, so a small model runs on one thread.
+    """
     if setting != "auto":
         return int(setting)
+    useful = max(1, (work_per_step or 0) // THREADED_WORK) if work_per_step is not None else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
     parallel = 1
@@ -69,7 +80,8 @@ def torch_threads(setting: Any) -> int:
             parallel = min(parallel, batch)
     except (ValueError, TypeError):
         pass
-    return max(1, cores // max(1, parallel))
+    share = max(1, cores // max(1, parallel))
+    return share if useful is None else min(share, useful)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -193,7 +205,7 @@ def build_module(cfg: DictConfig) -> tuple[SequenceData, TBPTTModule]:
     from src.model import SequenceLSTM
     from src.module import TBPTTModule
 
-    torch.set_num_threads(torch_threads(cfg.trainer.num_threads))
+    torch.set_num_threads(torch_threads(cfg.trainer.num_threads, lstm_work(cfg)))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg.data, stream=cfg.tbptt.stream, seed=cfg.seed)
     model = SequenceLSTM(
@@ -214,6 +226,12 @@ def build_module(cfg: DictConfig) -> tuple[SequenceData, TBPTTModule]:
         seed=cfg.seed,
     )
     return data, module
+
+
+def lstm_work(cfg: DictConfig) -> int:
+    """Multiply-adds of the recurrent matrix products in one time step of a batch."""
+    hidden = cfg.model.hidden_size
+    return 4 * hidden * hidden * cfg.data.batch_size * cfg.model.num_layers
 
 
 def build_trainer(
