@@ -1,0 +1,128 @@
+"""The settings and short cuts that make training fast must not change what it computes."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from src.config import ConfigError, validate
+from src.module import clip_grad_norm
+from src.train import THREADED_WORK, build_module, build_trainer, lstm_work, torch_threads
+from tests.conftest import compose
+
+# Clipping at 0.05 is active at almost every window of this tiny run, so it is compared too.
+AVERAGE = [
+    "data=average",
+    "data.n_train=24",
+    "data.n_val=8",
+    "data.seq_len=12",
+    "data.batch_size=8",
+    "data.n_features=4",
+    "model.hidden_size=8",
+    "tbptt.k=5",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.num_threads=1",
+    "trainer.gradient_clip_val=0.05",
+]
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 0.5, 1e3])
+def test_clip_grad_norm_matches_torch(max_norm: float) -> None:
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 3), torch.randn(7), torch.randn(2, 2, 2)]
+    expected = [g.clone() for g in grads]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in expected]
+    for param, grad in zip(params, expected, strict=True):
+        param.grad = grad
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    clip_grad_norm(grads, max_norm)
+
+    for got, want in zip(grads, params, strict=True):
+        torch.testing.assert_close(got, want.grad, rtol=1e-6, atol=1e-7)
+
+
+class CountBackward(Callback):
+    """A callback on a backward hook: Lightning must then run its own backward path."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:  # noqa: ANN001
+        self.calls += 1
+
+
+def _fit(callbacks: list[Callback]):  # noqa: ANN202
+    cfg = compose(AVERAGE)
+    data, module = build_module(cfg)
+    trainer = build_trainer(cfg, logger=False, callbacks=callbacks)
+    trainer.fit(module, data.train, data.val)
+    return trainer, module
+
+
+def test_direct_steps_equal_lightnings_own() -> None:
+    direct_trainer, direct = _fit([])
+    counter = CountBackward()
+    hooked_trainer, hooked = _fit([counter])
+
+    assert direct._direct and not hooked._direct
+    # 24 sequences in batches of 8, 12 steps in windows of 5: 3 batches x 3 windows x 2 epochs.
+    assert direct_trainer.global_step == hooked_trainer.global_step == 18
+    assert counter.calls == 18
+    for (name, a), (_, b) in zip(
+        direct.model.state_dict().items(), hooked.model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert math.isclose(
+        direct_trainer.callback_metrics["train/loss"],
+        hooked_trainer.callback_metrics["train/loss"],
+        rel_tol=1e-5,
+    )
+
+
+def test_auto_threads_give_small_models_one_thread() -> None:
+    small = compose(["data=average", "model.hidden_size=20"])
+    large = compose(["data=average", "model.hidden_size=512", "data.batch_size=64"])
+
+    assert lstm_work(small) < THREADED_WORK <= lstm_work(large)
+    assert torch_threads("auto", lstm_work(small)) == 1
+    cores = len(os.sched_getaffinity(0))
+    assert torch_threads("auto", lstm_work(large)) == cores  # no sweep: every core
+    assert torch_threads(3, lstm_work(small)) == 3  # a number is taken as given
+
+
+@pytest.mark.parametrize(
+    ("override", "ok"),
+    [
+        ("trainer.limit_train_batches=null", True),
+        ("trainer.limit_train_batches=5", True),
+        ("trainer.limit_train_batches=0.25", True),
+        ("trainer.limit_train_batches=0", False),  # no training at all
+        ("trainer.limit_train_batches=0.0", False),
+        ("trainer.limit_train_batches=1.5", False),
+        ("trainer.limit_val_batches=0", True),  # skips validation
+        ("trainer.limit_val_batches=-1", False),
+        ("trainer.limit_val_batches=true", False),
+    ],
+)
+def test_batch_limits_are_checked(override: str, ok: bool) -> None:
+    cfg = compose([override])
+    if ok:
+        validate(cfg)
+    else:
+        with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+            validate(cfg)
+
+
+def test_limit_train_batches_cuts_the_epoch() -> None:
+    cfg = compose([*AVERAGE, "trainer.limit_train_batches=1", "trainer.limit_val_batches=0"])
+    data, module = build_module(cfg)
+    trainer = build_trainer(cfg, logger=False, callbacks=[])
+    trainer.fit(module, data.train, data.val)
+    assert trainer.global_step == 2 * 1 * 3  # 2 epochs x 1 batch x 3 windows
+    assert "val/loss" not in trainer.callback_metrics
