@@ -113,11 +113,14 @@ def interrupted(error: BaseException, run_id: str, last_ckpt: Path, overrides: l
     """Tell the user how to resume, and return the exit status for the signal that stopped us.
 
     Lightning turns Ctrl-C into `sys.exit(1)` and SIGTERM into a `SystemExit` without a code
-    (which would exit 0); the shell conventions 130 and 143 say which signal it was.
+    (which would exit 0); the shell conventions 130 and 143 say which signal it was. An exit
+    that already carries such a status (a sweep's own SIGTERM handler) keeps it.
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     code = 128 + (signal.SIGTERM if isinstance(error, SIGTERMException) else signal.SIGINT)
+    if isinstance(error, SystemExit) and isinstance(error.code, int) and error.code > 128:
+        code = error.code
     if last_ckpt.exists():
         from src.tracking import mask_override
 
