@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 OPTUNA_SWEEPER = "hydra_plugins.tbptt_optuna_sweeper.sweeper.TbpttOptunaSweeper"
 
-# Composing a config takes a few milliseconds; a grid larger than this is checked in part.
-MAX_CHECKED_JOBS = 1000
+# Composing a job's config takes about 0.1 s; a larger grid is checked one value at a time.
+MAX_CHECKED_JOBS = 200
 
 
 class CheckEveryJob(Callback):
@@ -49,8 +50,8 @@ class CheckEveryJob(Callback):
         log.debug("checked the configs of %d jobs", n_checked)
 
 
-def job_overrides(config: DictConfig) -> list[list[str]]:
-    """The overrides of each job a multirun would launch, as far as they can be listed.
+def sweep_choices(config: DictConfig) -> dict[str, list[str]]:
+    """Each key's overrides across the jobs of a multirun, as far as they can be listed.
 
     The grid sweeper's jobs are every combination of its `params` and the command line's
     sweeps. For another sweeper, each listed choice is a job's value and a sampled range is
@@ -73,7 +74,29 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
             choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
             choices.pop(key, None)
-    return [list(job) for job in itertools.product(*choices.values())]
+    return choices
+
+
+def jobs_to_check(choices: dict[str, list[str]]) -> list[tuple[int, list[str]]]:
+    """(job number, overrides) of every job, or for a large grid of one job per value.
+
+    Jobs are numbered as Hydra numbers them: the last key varies fastest.
+    """
+    values = list(choices.values())
+    sizes = [len(options) for options in values]
+    if math.prod(sizes) <= MAX_CHECKED_JOBS:
+        return [(number, list(job)) for number, job in enumerate(itertools.product(*values))]
+
+    # Too many to compose one by one: every value of every key once, the others at their
+    # first value. A bad value is still found; a bad pairing of two values may not be.
+    picked: dict[int, list[str]] = {}
+    for position, size in enumerate(sizes):
+        for choice in range(size):
+            index = [0] * len(sizes)
+            index[position] = choice
+            number = sum(i * math.prod(sizes[k + 1 :]) for k, i in enumerate(index))
+            picked[number] = [options[i] for options, i in zip(values, index, strict=True)]
+    return sorted(picked.items())
 
 
 def check_optuna_sweep(config: DictConfig) -> None:
@@ -98,17 +121,14 @@ def check_jobs(config: DictConfig, config_name: str) -> int:
     """Compose and validate each job's config; raise `ConfigError` naming the first bad job."""
     from hydra import compose
 
-    jobs = job_overrides(config)
-    if len(jobs) > MAX_CHECKED_JOBS:
-        log.warning("checking the first %d of the %d job configs of this multirun",
-                    MAX_CHECKED_JOBS, len(jobs))
+    jobs = jobs_to_check(sweep_choices(config))
     # Hydra's own overrides too: `hydra.searchpath` can decide where a config group is found.
     hydra_overrides = list(OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False))
-    for number, overrides in enumerate(jobs[:MAX_CHECKED_JOBS]):
+    for number, overrides in jobs:
         job_cfg = compose(config_name, overrides=[*hydra_overrides, *overrides])
         try:
             validate(job_cfg)
         except ConfigError as error:
             shown = " ".join(map(mask_override, overrides))
             raise ConfigError(f"job #{number} ({shown}): {error}") from None
-    return min(len(jobs), MAX_CHECKED_JOBS)
+    return len(jobs)

@@ -86,6 +86,38 @@ def test_bad_input_fails_at_once_naming_the_key_and_starts_nothing(run_train, tm
     assert_nothing_started(tmp_path)
 
 
+@pytest.mark.parametrize("sweep", sorted(path.stem for path in (REPO / "sweeps").glob("*.yaml")))
+def test_every_shipped_sweep_passes_the_job_checks(sweep) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from src.job_checks import check_jobs, check_optuna_sweep
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        config = compose("train", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+        check_optuna_sweep(config)
+        assert check_jobs(config, "train") >= 1
+
+
+def test_a_large_grid_is_checked_one_value_at_a_time_numbered_as_hydra_numbers_jobs(
+    monkeypatch,
+) -> None:
+    import itertools
+
+    from src import job_checks
+
+    choices = {"a": ["a=1", "a=2"], "b": ["b=1", "b=2", "b=3"], "c": ["c=0"]}
+    every = list(enumerate(map(list, itertools.product(*choices.values()))))
+    assert job_checks.jobs_to_check(choices) == every
+
+    monkeypatch.setattr(job_checks, "MAX_CHECKED_JOBS", 3)
+    some = job_checks.jobs_to_check(choices)
+    assert all(job in every for job in some)
+    # Every value of every key is in some checked job.
+    for options in choices.values():
+        assert {option for _, job in some for option in job} >= set(options)
+    assert len(some) == 4
+
+
 UNKNOWN_OPTIONS = [
     (["model=gru"], "model/gru", ["lstm"]),
     (["optimizer=adamm"], "optimizer/adamm", ["adam", "adamw", "sgd"]),
