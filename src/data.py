@@ -178,10 +178,16 @@ def read_text_codes(path: str | Path) -> tuple[torch.Tensor, list[str]]:
 
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size and int(raw.max()) < 128:
-        present = np.flatnonzero(np.bincount(raw, minlength=128))
+        # A megabyte at a time, and mapped in place: numpy widens uint8 indices to 8 bytes
+        # each, which for a whole 10 MB file would take 80 MB at once.
+        chunks = [slice(start, start + (1 << 20)) for start in range(0, raw.size, 1 << 20)]
+        counts = sum(np.bincount(raw[chunk], minlength=128) for chunk in chunks)
+        present = np.flatnonzero(counts)
         lookup = np.zeros(128, dtype=np.uint8)
         lookup[present] = np.arange(len(present), dtype=np.uint8)
-        codes = lookup[raw]
+        for chunk in chunks:
+            raw[chunk] = lookup[raw[chunk]]
+        codes = raw
         vocab = [chr(c) for c in present]
     else:
         text = raw.tobytes().decode("utf-8")

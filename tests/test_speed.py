@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from src.config import ConfigError, validate
+from src.data import read_text_codes
 from src.module import clip_grad_norm
 from src.train import THREADED_WORK, build_module, build_trainer, lstm_work, torch_threads
 from tests.conftest import compose
@@ -126,3 +127,18 @@ def test_limit_train_batches_cuts_the_epoch() -> None:
     trainer.fit(module, data.train, data.val)
     assert trainer.global_step == 2 * 1 * 3  # 2 epochs x 1 batch x 3 windows
     assert "val/loss" not in trainer.callback_metrics
+
+
+def test_text_codes_read_in_chunks_match_a_whole_file_mapping(tmp_path) -> None:  # noqa: ANN001
+    # Over two megabytes, so that the mapping runs in several chunks, the last one partial.
+    words = ["tbptt", "lstm", "window", "Hidden", "state!", "\n"]
+    text = " ".join(words[(i * 7) % len(words)] for i in range(400_000))
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+
+    codes, vocab = read_text_codes(path)
+
+    assert codes.dtype == torch.uint8 and len(codes) == len(text) > 2 * (1 << 20)
+    assert vocab == sorted(set(text))
+    assert "".join(vocab[c] for c in codes[:5000].tolist()) == text[:5000]
+    assert "".join(vocab[c] for c in codes[-5000:].tolist()) == text[-5000:]
