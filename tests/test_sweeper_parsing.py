@@ -282,3 +282,17 @@ def test_the_sweep_stops_once_failures_pass_max_failure_rate_of_n_trials(tmp_pat
     message = str(stopped.value)
     assert "Stopping the sweep: 2 of 3 finished trials failed" in message
     assert "max_failure_rate=0.25 of n_trials=4 allows (1)" in message
+
+
+def test_errors_keep_their_class_when_hydra_scans_the_plugin_again():
+    import importlib
+    import importlib.util
+
+    # Hydra's plugin scan executes each public module of the package again, in place.
+    for name in ("search_space", "study", "config", "sweeper"):
+        module = importlib.import_module(f"hydra_plugins.tbptt_optuna_sweeper.{name}")
+        importlib.util.find_spec(module.__name__).loader.exec_module(module)
+    with pytest.raises(SearchSpaceError):
+        parse_search_space({"key": "interval(2,1)"})
+    with pytest.raises(SweepConfigError):
+        make_pruner("medain")

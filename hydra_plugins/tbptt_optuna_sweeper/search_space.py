@@ -26,7 +26,9 @@ from hydra.core.override_parser.types import (
     RangeSweep,
     ValueType,
 )
-from hydra.errors import CompactHydraException, HydraException
+from hydra.errors import HydraException
+
+from hydra_plugins.tbptt_optuna_sweeper._errors import SearchSpaceError
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -35,11 +37,6 @@ TAGS = ("log", "int")
 # A string that Hydra's grammar reads back as the same string without quotes.
 BARE_STRING = re.compile(r"[A-Za-z_][\w./-]*")
 RESERVED = {"true", "false", "null", "inf", "nan"}
-
-
-class SearchSpaceError(CompactHydraException, ValueError):
-    """A search-space entry that cannot become an Optuna distribution (printed without a
-    traceback by Hydra, as a CompactHydraException)."""
 
 
 class SearchSpace(NamedTuple):

@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra.errors import CompactHydraException
-
+from hydra_plugins.tbptt_optuna_sweeper._errors import SweepConfigError
 from hydra_plugins.tbptt_optuna_sweeper.config import PRUNERS, SAMPLERS
 
 if TYPE_CHECKING:
@@ -29,13 +28,6 @@ log = logging.getLogger(__name__)
 
 # Each ignored option is said once, though the sweeper builds its sampler more than once.
 _warned: set[tuple[str, str, str]] = set()
-
-
-class SweepConfigError(CompactHydraException, ValueError):
-    """A sweeper setting that cannot work; the message names the key.
-
-    Hydra prints a CompactHydraException as its message alone, without a traceback.
-    """
 
 
 def is_database_url(storage: str) -> bool:
