@@ -136,23 +136,41 @@ def test_an_interrupted_sweep_run_again_ends_with_exactly_n_trials(tmp_path, tra
     assert len(study_of(tmp_path, "k_lr").get_trials()) == len(trials)
 
 
+FAILING_SWEEP = """\
+# @package _global_
+defaults:
+  - override /hydra/sweeper: tbptt_optuna
+hydra:
+  sweep:
+    dir: multirun/failing
+  sweeper:
+    study_name: failing
+    sampler: grid
+    pruner: none
+    n_trials: 3
+    max_failure_rate: 0.5
+    params:
+      data.lag: choice(2, 3, 30)  # 30 is not below data.seq_len=24: the config check rejects it
+"""
+
+
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(run_train, tmp_path):
-    # A grid over two learning rates of plain SGD: 1e38 makes the loss infinite at once.
-    sweep = ["-m", "sweep=k_lr", "optimizer=sgd", "tbptt.k=4", "optimizer.lr=choice(1e-2,1e38)",
-             "hydra.sweeper.sampler=grid", "hydra.sweeper.pruner=none",
-             "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failure_rate=0.5", NO_REPORT]
+    # A sweep file of the user's own, found through hydra.searchpath. (A diverging loss
+    # fails a trial the same way: tests/test_faults.py.)
+    (tmp_path / "extra" / "sweep").mkdir(parents=True)
+    (tmp_path / "extra" / "sweep" / "failing.yaml").write_text(FAILING_SWEEP)
+    output = check(run_train("-m", f"hydra.searchpath=[file://{tmp_path / 'extra'}]",
+                             "sweep=failing", NO_REPORT))
 
-    output = check(run_train(*sweep))
-    assert re.search(r"Trial \d failed: DivergenceError: the training loss diverged", output)
-    trials = study_of(tmp_path, "k_lr").get_trials()
-    assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]
+    assert re.search(r"Trial \d failed: ConfigError: data.lag must be less than", output)
+    trials = study_of(tmp_path, "failing").get_trials()
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "FAIL"]
     (failed,) = [t for t in trials if t.state.name == "FAIL"]
-    assert failed.params["optimizer.lr"] == 1e38
-    assert "diverged" in failed.user_attrs["error"]
-    results = results_of(tmp_path, "k_lr")
+    assert failed.params["data.lag"] == 30
+    assert "data.lag must be less than data.seq_len" in failed.user_attrs["error"]
+    results = results_of(tmp_path, "failing")
     assert results["trials"]["failed"] == 1
-    assert "optimizer.lr=0.01" in results["best_overrides"]
-
+    assert results["best_params"]["data.lag"] in (2, 3)
     # (Stopping once failures pass max_failure_rate: tests/test_sweeper_parsing.py.)
 
 
