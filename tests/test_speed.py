@@ -142,3 +142,30 @@ def test_text_codes_read_in_chunks_match_a_whole_file_mapping(tmp_path) -> None:
     assert vocab == sorted(set(text))
     assert "".join(vocab[c] for c in codes[:5000].tolist()) == text[:5000]
     assert "".join(vocab[c] for c in codes[-5000:].tolist()) == text[-5000:]
+
+
+@pytest.mark.slow
+def test_auto_threads_share_the_cores_among_joblib_workers(run_train, tracking_uri) -> None:  # noqa: ANN001
+    from mlflow.tracking import MlflowClient
+
+    # hidden 256 in batches of 8 is 2^21 multiply-adds a step: worth two threads alone.
+    big = ["model.hidden_size=256", "trainer.num_threads=auto", "trainer.max_epochs=1"]
+    alone = run_train(*big, "logger.experiment_name=alone")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    pair = run_train(
+        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *big,
+        "logger.experiment_name=pair",
+    )  # fmt: skip
+    assert pair.returncode == 0, pair.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri)
+
+    def threads(experiment: str) -> list[int]:
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        return [int(r.data.tags["torch.num_threads"]) for r in runs if "torch.num_threads"
+                in r.data.tags]
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads("alone") == [min(cores, 2)]
+    # Each of two workers gets half the cores: the launcher's n_jobs reached the job.
+    assert threads("pair") == [max(1, min(cores // 2, 2))] * 2
