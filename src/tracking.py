@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -128,10 +130,12 @@ def client_for(uri: str) -> MlflowClient:
     for name, value in FAST_FAIL_ENV.items():
         os.environ.setdefault(name, value)
 
-    from mlflow import MlflowClient
-
     try:
-        _probe_database(uri)
+        # Before importing MLflow (seconds): a store that is down is reported at once.
+        _probe(uri)
+
+        from mlflow import MlflowClient
+
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as error:
@@ -143,12 +147,18 @@ def client_for(uri: str) -> MlflowClient:
     return client
 
 
-def _probe_database(uri: str) -> None:
-    # MLflow retries a database it cannot connect to ten times, backing off for about 100 s
-    # in all, with no setting to shorten it; one connection with a timeout answers at once.
+def _probe(uri: str) -> None:
+    """Connect once to a tracking server or database; raise if nothing answers."""
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme in ("http", "https"):
+        parts = urlsplit(uri)
+        port = parts.port or (443 if scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=5):
+            return
     if scheme not in DATABASE_TIMEOUT_ARGS:
         return
+    # MLflow retries a database it cannot connect to ten times, backing off for about 100 s
+    # in all, with no setting to shorten it; one connection with a timeout answers at once.
     import sqlalchemy
 
     engine = sqlalchemy.create_engine(uri, connect_args=DATABASE_TIMEOUT_ARGS[scheme])
