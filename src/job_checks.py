@@ -6,9 +6,10 @@ saying anything. `CheckEveryJob` (a Hydra callback, registered first under `hydr
 in conf/train.yaml) composes each job's config as the launcher will and runs `validate` on
 it, so that one bad value stops the sweep before any job, MLflow run or Optuna trial exists.
 
-Sweeps that a sweeper samples (Optuna's `interval(...)`, or ranges in its search space) have
-no list of jobs to check; the sweeper checks its search space itself, and each trial's config
-is checked again when the trial starts.
+Values that a sweeper samples (Optuna's `interval(...)`, or ranges in its search space) give
+no list of jobs to check. For the Optuna sweeper, its own checks of its settings and search
+space run here too (`check_optuna_sweep`), before its MLflow parent run or study exists; each
+trial's config is checked again when the trial starts.
 """
 
 from __future__ import annotations
