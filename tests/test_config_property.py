@@ -65,7 +65,7 @@ def names_key(message: str, key: str) -> bool:
     return re.search(rf"{re.escape(key)}(?!\w)", message) is not None
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_value_is_accepted_or_rejected_naming_its_key(data) -> None:
     key = data.draw(st.sampled_from(sorted(KEYS)), label="key")

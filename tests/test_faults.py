@@ -418,6 +418,7 @@ class RunsCode:
 # ---- secrets ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh MLflow store takes seconds to create
 def test_secrets_in_the_config_are_masked_in_params_tags_and_artifacts(tmp_path) -> None:
     from mlflow import MlflowClient
     from omegaconf import open_dict
