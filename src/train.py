@@ -49,10 +49,11 @@ def objective(metrics: dict[str, float], optimized_metric: Any) -> float | tuple
     return tuple(metrics[name] for name in names)
 
 
-# An LSTM gets one thread per this many multiply-adds of a time step. Smaller kernels are not
-# worth splitting: a second thread only adds synchronisation, and on a busy machine it made
-# each step many times slower (BENCHMARKS.md, "Threads").
-THREADED_WORK = 1 << 20
+# An LSTM gets one thread per this many multiply-adds of a time step (2^23: hidden 512 in
+# batches of 8). Smaller kernels are not worth splitting: a second thread adds synchronisation,
+# and on a busy machine it made steps of hidden 20 and 256 10 to 50 times slower
+# (BENCHMARKS.md, "Threads").
+THREADED_WORK = 1 << 23
 
 
 def torch_threads(setting: Any, work_per_step: int | None = None) -> int:

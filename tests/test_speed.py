@@ -148,8 +148,8 @@ def test_text_codes_read_in_chunks_match_a_whole_file_mapping(tmp_path) -> None:
 def test_auto_threads_share_the_cores_among_joblib_workers(run_train, tracking_uri) -> None:  # noqa: ANN001
     from mlflow.tracking import MlflowClient
 
-    # hidden 256 in batches of 8 is 2^21 multiply-adds a step: worth two threads alone.
-    big = ["model.hidden_size=256", "trainer.num_threads=auto", "trainer.max_epochs=1"]
+    # hidden 1024 in batches of 8 is 2^25 multiply-adds a step: worth four threads alone.
+    big = ["model.hidden_size=1024", "trainer.num_threads=auto", "trainer.max_epochs=1"]
     alone = run_train(*big, "logger.experiment_name=alone")
     assert alone.returncode == 0, alone.stderr[-3000:]
     pair = run_train(
@@ -166,6 +166,6 @@ def test_auto_threads_share_the_cores_among_joblib_workers(run_train, tracking_u
                 in r.data.tags]
 
     cores = len(os.sched_getaffinity(0))
-    assert threads("alone") == [min(cores, 2)]
+    assert threads("alone") == [min(cores, 4)]
     # Each of two workers gets half the cores: the launcher's n_jobs reached the job.
-    assert threads("pair") == [max(1, min(cores // 2, 2))] * 2
+    assert threads("pair") == [max(1, min(cores // 2, 4))] * 2
