@@ -332,5 +332,28 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
         raise
 
 
+def _share_hydra_help_repository() -> None:
+    # `--help` lists every config group, and Hydra copies its whole config repository afresh
+    # for each group it lists (85 deep copies, two thirds of the time --help takes). Listing
+    # is read-only, so one copy per loader and overrides serves them all.
+    try:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+        build = ConfigLoaderImpl._parse_overrides_and_create_caching_repo
+    except (ImportError, AttributeError):
+        return
+    built: dict[tuple, Any] = {}
+
+    def shared(loader: Any, config_name: str | None, overrides: list[str]) -> Any:
+        key = (id(loader), config_name, tuple(overrides))
+        if key not in built:
+            built[key] = build(loader, config_name, overrides)
+        return built[key]
+
+    ConfigLoaderImpl._parse_overrides_and_create_caching_repo = shared
+
+
 if __name__ == "__main__":
+    if {"--help", "-h", "--hydra-help"} & set(sys.argv[1:]):
+        _share_hydra_help_repository()
     main()

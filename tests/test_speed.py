@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from src.config import ConfigError, validate
 from src.data import read_text_codes
 from src.module import clip_grad_norm
 from src.train import THREADED_WORK, build_module, build_trainer, lstm_work, torch_threads
-from tests.conftest import compose
+from tests.conftest import REPO, compose, subprocess_env
 
 # Clipping at 0.05 is active at almost every window of this tiny run, so it is compared too.
 AVERAGE = [
@@ -169,3 +172,24 @@ def test_auto_threads_share_the_cores_among_joblib_workers(run_train, tracking_u
     assert threads("alone") == [min(cores, 4)]
     # Each of two workers gets half the cores: the launcher's n_jobs reached the job.
     assert threads("pair") == [max(1, min(cores // 2, 4))] * 2
+
+
+# --hydra-help composes no app config, so it takes no app override (in Hydra's own help too).
+@pytest.mark.parametrize("args", [["data=adding", "--help"], ["--hydra-help"]])
+def test_help_with_a_shared_repository_is_hydras_own(args: list[str]) -> None:
+    # `python -m src.train` shares one config repository while the help lists the groups;
+    # importing the module and calling main() runs Hydra's help as it comes.
+    plain = "import sys; sys.argv[0] = 'train.py'; import src.train; src.train.main()"
+    env = subprocess_env()
+    ours = subprocess.run([sys.executable, "-m", "src.train", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    hydras = subprocess.run([sys.executable, "-c", plain, *args], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+
+    assert ours.returncode == hydras.returncode == 0, ours.stderr + hydras.stderr
+    # Only the program name in the shell-completion lines may differ.
+    assert re.sub(r"python \S+", "python X", ours.stdout) == re.sub(
+        r"python \S+", "python X", hydras.stdout
+    )
+    groups = "data: adding, average, echo, text" if "--help" in args else "hydra/launcher: "
+    assert groups in ours.stdout
