@@ -216,6 +216,10 @@ def _check_trainer(trainer: DictConfig) -> None:
         require_positive_int("trainer.num_threads", threads)
     for key, least in (("limit_train_batches", 1), ("limit_val_batches", 0)):
         _check_batch_limit(f"trainer.{key}", trainer.get(key), least)
+    if not isinstance(trainer.get("direct_steps", True), bool):
+        raise ConfigError(
+            f"trainer.direct_steps must be true or false, but got {trainer.direct_steps!r}."
+        )
 
 
 def _check_batch_limit(key: str, value: Any, least: int) -> None:

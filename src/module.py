@@ -40,6 +40,7 @@ class TBPTTModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         detect_divergence: bool = True,
         seed: int = 0,
+        direct_steps: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -50,6 +51,7 @@ class TBPTTModule(pl.LightningModule):
         self.stream = stream
         self.gradient_clip_val = gradient_clip_val
         self.detect_divergence = detect_divergence
+        self.direct_steps = direct_steps
         self.window_generator = torch.Generator().manual_seed(seed)
         self.loss_fn = _cross_entropy if spec.loss == "ce" else F.mse_loss
 
@@ -88,7 +90,7 @@ class TBPTTModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._train_started = time.perf_counter()
-        self._direct = direct_steps_are_safe(self.trainer)
+        self._direct = self.direct_steps and direct_steps_are_safe(self.trainer)
 
     def on_train_epoch_start(self) -> None:
         # Stream mode carries the state from batch to batch, but each epoch starts afresh.

@@ -225,6 +225,7 @@ def build_module(cfg: DictConfig) -> tuple[SequenceData, TBPTTModule]:
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         detect_divergence=cfg.trainer.detect_divergence,
         seed=cfg.seed,
+        direct_steps=cfg.trainer.get("direct_steps", True),
     )
     return data, module
 

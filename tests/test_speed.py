@@ -61,8 +61,8 @@ class CountBackward(Callback):
         self.calls += 1
 
 
-def _fit(callbacks: list[Callback]):  # noqa: ANN202
-    cfg = compose(AVERAGE)
+def _fit(callbacks: list[Callback], overrides: tuple[str, ...] = ()):  # noqa: ANN202
+    cfg = compose([*AVERAGE, *overrides])
     data, module = build_module(cfg)
     trainer = build_trainer(cfg, logger=False, callbacks=callbacks)
     trainer.fit(module, data.train, data.val)
@@ -89,6 +89,11 @@ def test_direct_steps_equal_lightnings_own() -> None:
     )
 
 
+def test_direct_steps_can_be_turned_off() -> None:
+    _, module = _fit([], ("trainer.direct_steps=false", "trainer.max_epochs=1"))
+    assert not module._direct
+
+
 def test_auto_threads_give_small_models_one_thread() -> None:
     small = compose(["data=average", "model.hidden_size=20"])
     large = compose(["data=average", "model.hidden_size=512", "data.batch_size=64"])
@@ -112,6 +117,8 @@ def test_auto_threads_give_small_models_one_thread() -> None:
         ("trainer.limit_val_batches=0", True),  # skips validation
         ("trainer.limit_val_batches=-1", False),
         ("trainer.limit_val_batches=true", False),
+        ("trainer.direct_steps=false", True),
+        ("trainer.direct_steps=yes", False),
     ],
 )
 def test_batch_limits_are_checked(override: str, ok: bool) -> None:
