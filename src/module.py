@@ -85,6 +85,15 @@ class TBPTTModule(pl.LightningModule):
 
     # ---- training -----------------------------------------------------------------------
 
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        # Batches on CPU for a CPU run skip Lightning's generic walk through the batch.
+        x, y = batch
+        if x.device == device and y.device == device:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())
 
