@@ -143,6 +143,68 @@ def run_updates(
         The detached loss of every update that had a target, and the detached hidden state
         after the last step, to carry into the next batch in stream mode.
     """
+    if _back_to_back(updates):
+        return _run_windows(model, x, y, updates, loss_fn, step, hidden, first_target)
+    return _run_spans(model, x, y, updates, loss_fn, step, hidden, first_target)
+
+
+def _back_to_back(updates: Sequence[Update]) -> bool:
+    # Plain and random windows: each starts where the last ended and backpropagates through
+    # itself only, so the one state to keep is the last one.
+    end = 0
+    for update in updates:
+        if update.bp_start != end or update.loss_start != end:
+            return False
+        end = update.end
+    return True
+
+
+def _run_windows(
+    model: Callable[[torch.Tensor, Hidden], tuple[torch.Tensor, Hidden]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    updates: Sequence[Update],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    step: Callable[[torch.Tensor, Update], None],
+    hidden: Hidden,
+    first_target: int,
+) -> tuple[list[torch.Tensor], Hidden]:
+    # What _run_spans does for back-to-back windows, with none of its bookkeeping: for a small
+    # model that bookkeeping costs a few percent of the whole step.
+    import torch
+
+    grad_enabled = torch.is_grad_enabled()
+    state = _detach(hidden)
+    losses = []
+    for update in updates:
+        start, end = update.bp_start, update.end
+        if end > first_target or not grad_enabled:
+            output, state = model(x[:, start:end], state)
+        else:
+            with torch.no_grad():  # no target in this window: it only advances the state
+                output, state = model(x[:, start:end], state)
+        state = _detach(state)
+        if end <= first_target:
+            continue
+        if first_target > start:
+            output, start = output[:, first_target - start :], first_target
+        loss = loss_fn(output, y[:, start:end])
+        step(loss, update)
+        losses.append(loss.detach())
+    covered = bool(updates) and updates[-1].end == x.shape[1]
+    return losses, state if covered else None
+
+
+def _run_spans(
+    model: Callable[[torch.Tensor, Hidden], tuple[torch.Tensor, Hidden]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    updates: Sequence[Update],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    step: Callable[[torch.Tensor, Update], None],
+    hidden: Hidden,
+    first_target: int,
+) -> tuple[list[torch.Tensor], Hidden]:
     import torch
 
     seq_len = x.shape[1]

@@ -200,3 +200,41 @@ def test_help_with_a_shared_repository_is_hydras_own(args: list[str]) -> None:
     )
     groups = "data: adding, average, echo, text" if "--help" in args else "hydra/launcher: "
     assert groups in ours.stdout
+
+
+@pytest.mark.parametrize(
+    ("k", "first_target", "carry"),
+    [(5, 0, False), (4, 7, True), (3, 12, False), (12, 0, True), (1, 2, False)],
+)
+def test_back_to_back_windows_run_as_the_general_spans_do(
+    k: int, first_target: int, carry: bool
+) -> None:
+    from src import tbptt
+    from src.data import TaskSpec
+    from src.model import SequenceLSTM
+
+    spec = TaskSpec("average", "features", 3, 2, "mse", "val/rmse")
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 12, 3), torch.randn(4, 12, 2)
+    hidden = (torch.randn(1, 4, 6), torch.randn(1, 4, 6)) if carry else None
+    runs = []
+    for run in (tbptt.run_updates, tbptt._run_spans):  # the fast path, then the general one
+        torch.manual_seed(1)
+        model = SequenceLSTM(spec, hidden_size=6)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(loss: torch.Tensor, update: tbptt.Update, optimizer=optimizer) -> None:  # noqa: ANN001
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        schedule = tbptt.fixed_schedule(12, k)
+        losses, final = run(model, x, y, schedule, torch.nn.functional.mse_loss, step,
+                            hidden, first_target)
+        runs.append((losses, final, [p.detach().clone() for p in model.parameters()]))
+
+    (fast_losses, fast_final, fast_params), (losses, final, params) = runs
+    assert len(fast_losses) == len(losses) == len([w for w in schedule if w.end > first_target])
+    torch.testing.assert_close(fast_losses, losses)
+    torch.testing.assert_close(fast_final, final)
+    torch.testing.assert_close(fast_params, params)
