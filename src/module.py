@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections import Counter
@@ -11,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from src import tbptt
@@ -253,6 +254,25 @@ class TBPTTModule(pl.LightningModule):
         else:
             metrics[self.spec.metric] = metric
         self.log_dict(metrics, on_epoch=True, prog_bar=True)
+
+
+class FrozenSetUp(Callback):
+    """Keeps the objects made before training out of the garbage collector's full passes.
+
+    Imports and set-up leave about 400,000 objects, and one full pass over them took 0.4 s
+    here: several percent of a short trial. They are handed back when the fit ends or fails.
+    """
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        gc.freeze()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        gc.unfreeze()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        gc.unfreeze()
 
 
 class TrainingProgressBar(TQDMProgressBar):

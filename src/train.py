@@ -249,7 +249,7 @@ def build_trainer(
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from src.module import TrainingProgressBar
+    from src.module import FrozenSetUp, TrainingProgressBar
 
     progress = [TrainingProgressBar()] if cfg.trainer.enable_progress_bar else []
     return pl.Trainer(
@@ -260,7 +260,7 @@ def build_trainer(
         limit_train_batches=cfg.trainer.get("limit_train_batches"),
         limit_val_batches=cfg.trainer.get("limit_val_batches"),
         logger=logger,
-        callbacks=[*callbacks, *progress],
+        callbacks=[*callbacks, *progress, FrozenSetUp()],
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         enable_model_summary=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -238,3 +239,25 @@ def test_back_to_back_windows_run_as_the_general_spans_do(
     torch.testing.assert_close(fast_losses, losses)
     torch.testing.assert_close(fast_final, final)
     torch.testing.assert_close(fast_params, params)
+
+
+class Stop(Callback):
+    """Reads the garbage collector's frozen count mid-training, then fails the fit."""
+
+    def __init__(self) -> None:
+        self.frozen = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.frozen = gc.get_freeze_count()
+        raise RuntimeError("stop here")
+
+
+def test_set_up_objects_are_frozen_while_training_only() -> None:
+    _fit([])
+    assert gc.get_freeze_count() == 0
+
+    stop = Stop()
+    with pytest.raises(RuntimeError, match="stop here"):
+        _fit([stop])
+    assert stop.frozen > 10_000  # the imports and the set-up, out of the collector's passes
+    assert gc.get_freeze_count() == 0  # handed back, even though the fit failed
