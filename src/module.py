@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import time
 from collections import Counter
@@ -254,6 +255,11 @@ class TBPTTModule(pl.LightningModule):
         else:
             metrics[self.spec.metric] = metric
         self.log_dict(metrics, on_epoch=True, prog_bar=True)
+
+
+# Lightning reads training_step's signature (inspect.getfullargspec) before every batch; with
+# the signature stored on the function that is a lookup instead of about 0.1 ms of parsing.
+TBPTTModule.training_step.__signature__ = inspect.signature(TBPTTModule.training_step)
 
 
 class FrozenSetUp(Callback):
