@@ -1,7 +1,7 @@
 """Speed, start-up, memory and parallel trials of tbptt-lab, measured against two baselines.
 
-    .venv/bin/python benchmarks/bench_train.py             # every section, about 10 minutes
-    .venv/bin/python benchmarks/bench_train.py --quick     # fewer repetitions, a few minutes
+    .venv/bin/python benchmarks/bench_train.py             # every section: 9 minutes, 2 cores
+    .venv/bin/python benchmarks/bench_train.py --quick     # fewer repetitions: 3 minutes
     .venv/bin/python benchmarks/bench_train.py --only train --workloads seed,k1
 
 Sections (`--only` picks some):
@@ -12,7 +12,7 @@ Sections (`--only` picks some):
              src/train.py on the composed configs, without MLflow (`logger=False`) and without
              checkpoints (the baselines write neither);
     naive    Lightning's TBPTT recipe re-created (benchmarks/naive_recipe.py), at the thread
-             count the project chose (at torch's default of every core it was up to 100 times
+             count the project chose (at torch's default of every core it was up to 50 times
              slower on a busy 2-core machine);
     plain    a hand-written PyTorch loop with fused Adam (benchmarks/plain_loop.py), at 1 thread
              and at every core; its best is the reference figure.
@@ -203,7 +203,7 @@ def run_plain(workload: Workload, epochs: int, inputs, targets, init_state, thre
 def probe_threads(baseline: tuple, cores: int) -> tuple[list[int], list[str]]:
     """Thread counts worth timing: each is tried on the plain loop over 5 batches first.
 
-    On a busy machine a second thread made small models up to 100 times slower; timing such a
+    On a busy machine a second thread made small models up to 50 times slower; timing such a
     setting in full would take many minutes and show nothing new.
     """
     import plain_loop
@@ -404,10 +404,19 @@ PEAK_RSS = (
 
 
 def write_text(path: Path, n_chars: int) -> None:
-    source = (REPO / "data" / "tinyshakespeare.txt")
-    if not source.exists():
-        source = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-    text = source.read_text()
+    """Tinyshakespeare repeated to `n_chars`, or seeded random words where it is missing."""
+    import random
+
+    sources = [REPO / "data" / "tinyshakespeare.txt",
+               REPO.parent / "shared" / "data" / "tinyshakespeare.txt"]
+    found = [source for source in sources if source.exists()]
+    if found:
+        text = found[0].read_text()
+    else:
+        rng = random.Random(0)
+        words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(1, 9)))
+                 for _ in range(5000)]
+        text = " ".join(rng.choices(words, k=20_000)) + "\n"
     path.write_text((text * (n_chars // len(text) + 1))[:n_chars])
 
 
