@@ -323,6 +323,10 @@ def direct_steps_are_safe(trainer: pl.Trainer) -> bool:
     hooked = any(
         is_overridden(hook, callback, Callback) for callback in trainer.callbacks for hook in hooks
     )
+    # The module's own on_before_optimizer_step clips, which the direct step does itself; any
+    # other hook of a subclass needs Lightning's path.
+    module = trainer.lightning_module
+    hooked = hooked or any(is_overridden(hook, module, TBPTTModule) for hook in hooks)
     return unscaled and type(trainer.strategy) is SingleDeviceStrategy and not hooked
 
 

@@ -90,6 +90,22 @@ def test_direct_steps_equal_lightnings_own() -> None:
     )
 
 
+def test_a_subclass_hook_takes_lightnings_path() -> None:
+    import src.module
+
+    class Hooked(src.module.TBPTTModule):
+        def on_after_backward(self) -> None:
+            self.after_backward = getattr(self, "after_backward", 0) + 1
+
+    cfg = compose([*AVERAGE, "trainer.max_epochs=1"])
+    data, module = build_module(cfg)
+    hooked = Hooked(module.model, module.spec, module.tbptt_cfg, module.optimizer_factory)
+    trainer = build_trainer(cfg, logger=False, callbacks=[])
+    trainer.fit(hooked, data.train, data.val)
+    assert not hooked._direct
+    assert hooked.after_backward == trainer.global_step == 9
+
+
 def test_direct_steps_can_be_turned_off() -> None:
     _, module = _fit([], ("trainer.direct_steps=false", "trainer.max_epochs=1"))
     assert not module._direct
